@@ -1,0 +1,1 @@
+"""agentfs: a Plan 9-style file server runtime for autonomous agents."""

@@ -1,0 +1,137 @@
+"""The `agentfs` command: init, id, mount (and the mount(8) helper form)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import identity
+from .store import AgentStore, default_store_path
+
+DEFAULT_JOBS = max(4, 4 * (os.cpu_count() or 1))
+
+
+def _read_mnemonic(source: str) -> str:
+    text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    return identity.normalize_mnemonic(text)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    store = Path(args.store) if args.store else default_store_path()
+    if (store / "data.mdb").exists():
+        print(f"agentfs: {store}: a store already exists", file=sys.stderr)
+        return 1
+    recovered = args.mnemonic_file is not None
+    words = _read_mnemonic(args.mnemonic_file) if recovered else identity.generate_mnemonic()
+    AgentStore.create(store, words).close()
+    if recovered:
+        print(f"agentfs: created {store} from the given mnemonic", file=sys.stderr)
+    else:
+        print(f"agentfs: created {store}. Write down this mnemonic now: it is shown once, "
+              "and it alone recovers every agent's key.", file=sys.stderr)
+        print(words)
+    return 0
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    words = _read_mnemonic(args.mnemonic_file)
+    if args.user:
+        private = identity.user_private_key(words)
+    else:
+        private = identity.agent_private_key(words, args.agent)
+    public = identity.public_key(private)
+    print(identity.npub_encode(public), public.hex())
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from . import daemon
+
+    store = Path(args.store) if args.store else default_store_path()
+    mountpoint = Path(args.mountpoint)
+    options = [o for chunk in args.o for o in chunk.split(",") if o]
+    if not (store / "data.mdb").exists():
+        print(f"agentfs: {store}: no store here (create one with `agentfs init {store}`)",
+              file=sys.stderr)
+        return 1
+    if not mountpoint.is_dir():
+        print(f"agentfs: {mountpoint}: not a directory", file=sys.stderr)
+        return 1
+    try:
+        daemon.fuse_options(store, options)
+    except daemon.MountError as e:
+        print(f"agentfs: {e}", file=sys.stderr)
+        return 1
+    if args.foreground:
+        return daemon.serve(store, mountpoint, options, args.jobs, args.ready_fd)
+    return daemon.spawn(store, mountpoint, options, args.jobs)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="agentfs",
+        description="A Plan 9-style file server for autonomous agents. See agentfs(1) and "
+                    "agentfs(4).",
+        epilog="mount(8) helper form: agentfs STORE MOUNTPOINT [-o OPTIONS], as run by "
+               "`mount -t fuse.agentfs STORE MOUNTPOINT`.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser("init", help="create a store and its mnemonic",
+                          description="Create a store (an LMDB directory) with a new BIP-39 "
+                                      "mnemonic, printed once, or one given for recovery.")
+    init.add_argument("store", nargs="?", help="store directory (default: $AGENTFS_STORE, "
+                      "$XDG_DATA_HOME/agentfs or ~/.local/share/agentfs)")
+    init.add_argument("--mnemonic-file", metavar="F",
+                      help="recover from the mnemonic in F ('-' reads standard input)")
+    init.set_defaults(run=cmd_init)
+
+    ident = sub.add_parser("id", help="print a NIP-06 identity of a mnemonic",
+                           description="Print `npub1… HEX` for the user's key "
+                                       "(m/44'/1237'/0'/0/0) or agent N's "
+                                       "(m/44'/1237'/(N+1)'/0/0).")
+    ident.add_argument("--mnemonic-file", metavar="F", required=True,
+                       help="file holding the mnemonic ('-' reads standard input)")
+    which = ident.add_mutually_exclusive_group(required=True)
+    which.add_argument("--user", action="store_true", help="the user's own key")
+    which.add_argument("--agent", type=int, metavar="N", help="agent N (0 is the first)")
+    ident.set_defaults(run=cmd_id)
+
+    mount = sub.add_parser("mount", help="mount a store",
+                           description="Mount a store's agents as files. Returns once the mount "
+                                       "is live; the daemon serves until unmounted "
+                                       "(fusermount3 -u, umount, or SIGTERM).")
+    mount.add_argument("mountpoint")
+    mount.add_argument("--store", help="store directory (default as for init)")
+    mount.add_argument("-f", "--foreground", action="store_true",
+                       help="serve in the foreground instead of as a daemon")
+    mount.add_argument("-o", action="append", default=[], metavar="OPTIONS",
+                       help="comma-separated mount options (allow_other, ro, jobs=N, ...)")
+    mount.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+                       help=f"ticks that may run at once (default {DEFAULT_JOBS})")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.set_defaults(run=cmd_mount)
+    return p
+
+
+def _helper_form(argv: list[str]) -> list[str]:
+    """`agentfs STORE MOUNTPOINT -o OPTS` (mount.fuse's convention) as a mount command."""
+    commands = {"init", "id", "mount"}
+    if len(argv) >= 2 and argv[0] not in commands and not argv[0].startswith("-"):
+        return ["mount", "--store", argv[0], argv[1], *argv[2:]]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(_helper_form(sys.argv[1:] if argv is None else argv))
+    try:
+        status: int = args.run(args)
+    except (ValueError, OSError) as e:
+        print(f"agentfs: {e}", file=sys.stderr)
+        return 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Group commit: many small write transactions become one durable LMDB commit.
+
+Each caller hands over a function of a write transaction and waits.  One task drains
+the queue and runs every waiting function in a child transaction of a single parent,
+in a worker thread, so one fsync acknowledges them all and the event loop keeps
+serving reads meanwhile.  A function that raises rolls back only its own child.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import lmdb
+import trio
+
+from . import errors
+from .store import AgentStore, Txn
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Pending(Generic[T]):
+    apply: Callable[[Txn], T]
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class CommitStatistics:
+    commits: int = 0
+    transactions: int = 0
+    largest_batch: int = 0
+
+
+class CommitQueue:
+    def __init__(self, store: AgentStore, max_batch: int = 256) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self._queue: list[_Pending[Any]] = []
+        self._wakeup = trio.Event()
+        self._stats = CommitStatistics()
+
+    def statistics(self) -> CommitStatistics:
+        return self._stats
+
+    async def commit(self, apply: Callable[[Txn], T]) -> T:
+        """Run `apply` in a write transaction; return once it is durable (or raise its error)."""
+        pending: _Pending[T] = _Pending(apply)
+        self._queue.append(pending)
+        self._wakeup.set()
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result  # type: ignore[no-any-return]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            while self._queue:
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+                # Shielded: once a batch is handed to the thread its waiters must hear back.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._apply_batch, batch)
+                for pending in batch:
+                    pending.done.set()
+
+    def _apply_batch(self, batch: list[_Pending[Any]]) -> None:
+        env = self.store.env
+        try:
+            with env.begin(write=True) as txn:
+                for pending in batch:
+                    child = env.begin(write=True, parent=txn)
+                    try:
+                        pending.result = pending.apply(child)
+                    except BaseException as e:  # noqa: BLE001 - handed back to the waiter
+                        child.abort()
+                        pending.error = e
+                    else:
+                        child.commit()
+        except lmdb.MapFullError:
+            failure: BaseException = errors.no_space("the store's map is full")
+            for pending in batch:
+                pending.error = pending.error or failure
+            return
+        except BaseException as e:  # noqa: BLE001 - the whole commit failed: tell everyone
+            for pending in batch:
+                pending.error = pending.error or e
+            return
+        self._stats.commits += 1
+        self._stats.transactions += len(batch)
+        self._stats.largest_batch = max(self._stats.largest_batch, len(batch))

@@ -1,0 +1,105 @@
+"""The ctl text protocol: newline-terminated verbs, several per write, anything unknown refused."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+
+from . import errors
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+RESERVED_NAMES = {"ctl"}
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name) or name in RESERVED_NAMES or name.startswith("npub1"):
+        raise errors.invalid(
+            f"name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -, not starting with '.', '-' or npub1,"
+            " and not 'ctl'"
+        )
+    return name
+
+
+def _words(rest: str, verb: str) -> list[str]:
+    try:
+        return shlex.split(rest)
+    except ValueError as e:
+        raise errors.invalid(f"{verb}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Command:
+    verb: str
+    args: tuple[str, ...] = ()
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class NewAgent:
+    name: str
+    program: list[str] | None
+
+
+AGENT_VERBS = {"wake", "program", "name", "sleep", "terminate", "recover"}
+
+
+def _lines(data: bytes, what: str) -> list[str]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise errors.invalid(f"{what}: not UTF-8 text") from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def parse_agent_ctl(data: bytes) -> list[Command]:
+    """Every command in one write, or EINVAL naming the first bad one."""
+    commands = []
+    lines = _lines(data, "ctl")
+    if not lines:
+        raise errors.invalid("ctl: empty command")
+    for line in lines:
+        verb, _, rest = line.strip().partition(" ")
+        rest = rest.strip()
+        if verb not in AGENT_VERBS:
+            raise errors.invalid(
+                f"ctl: unknown command {verb!r} (known: {' '.join(sorted(AGENT_VERBS))})")
+        if verb == "wake":
+            commands.append(Command(verb, text=rest))
+        elif verb == "program":
+            argv = _words(rest, verb)
+            if not argv:
+                raise errors.invalid("ctl: program needs a PROGRAM to run")
+            commands.append(Command(verb, tuple(argv)))
+        elif verb == "name":
+            words = _words(rest, verb)
+            if len(words) != 1:
+                raise errors.invalid("ctl: name takes exactly one NAME")
+            commands.append(Command(verb, (check_name(words[0]),)))
+        else:
+            if rest:
+                raise errors.invalid(f"ctl: {verb} takes no arguments")
+            commands.append(Command(verb))
+    return commands
+
+
+def parse_root_ctl(data: bytes) -> list[NewAgent]:
+    agents = []
+    lines = _lines(data, "ctl")
+    if not lines:
+        raise errors.invalid("ctl: empty command")
+    for line in lines:
+        words = _words(line, "ctl")
+        if words[0] != "new":
+            raise errors.invalid(f"ctl: unknown command {words[0]!r} (known: new)")
+        if len(words) < 2:
+            raise errors.invalid("ctl: usage: new NAME [PROGRAM ARG...]")
+        agents.append(NewAgent(check_name(words[1]), words[2:] or None))
+    names = [a.name for a in agents]
+    if len(set(names)) != len(names):
+        raise errors.invalid("ctl: the same name twice in one write")
+    return agents
+
+
+def quote_program(program: list[str] | None) -> str:
+    return "-" if not program else shlex.join(program)

@@ -1,0 +1,133 @@
+"""The mount daemon: open and lock the store, mount, serve until unmounted or signalled."""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .fs import AgentFs
+from .runtime import Runtime
+from .store import AgentStore
+
+log = logging.getLogger("agentfs")
+
+# Options mount(8) and fstab pass that mean nothing to a FUSE file system.
+IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail"}
+PASSED_OPTIONS = {"allow_other", "default_permissions", "ro", "rw", "nosuid", "suid", "nodev",
+                  "dev", "noexec", "exec", "noatime", "atime", "relatime", "sync", "async",
+                  "dirsync"}
+
+
+class MountError(Exception):
+    pass
+
+
+def fuse_options(store: Path, given: list[str]) -> tuple[set[str], dict[str, str]]:
+    """The FUSE mount options for `-o` words, and agentfs's own (`jobs=N`)."""
+    options = set(pyfuse3.default_options)
+    options.add(f"fsname={store}")
+    options.add("subtype=agentfs")
+    ours: dict[str, str] = {}
+    for word in given:
+        key, _, value = word.partition("=")
+        if key in IGNORED_OPTIONS or key.startswith("x-") or key == "comment":
+            continue
+        if key in PASSED_OPTIONS:
+            options.add(word)
+        elif key == "jobs":
+            ours[key] = value
+        else:
+            raise MountError(f"unknown mount option {word!r}")
+    return options, ours
+
+
+def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
+          ready_fd: int | None = None) -> int:
+    """Mount in this process and serve until unmounted; returns an exit status."""
+    faulthandler.enable()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s agentfs[%(process)d] %(message)s")
+    try:
+        fuse_opts, ours = fuse_options(store_path, options)
+        if "jobs" in ours:
+            jobs = int(ours["jobs"])
+        store = AgentStore.open(store_path)
+        store.lock()
+    except Exception as e:  # noqa: BLE001 - every failure to start is reported the same way
+        _report(ready_fd, f"agentfs: {e}")
+        return 1
+    runtime = Runtime(store, str(mountpoint.resolve()), jobs)
+    ops = AgentFs(runtime)
+    try:
+        pyfuse3.init(ops, str(mountpoint), fuse_opts)
+    except RuntimeError as e:
+        store.close()
+        _report(ready_fd, f"agentfs: cannot mount on {mountpoint}: {e}")
+        return 1
+    log.info("mounted %s on %s", store_path, mountpoint)
+    _report(ready_fd, None)
+    unmount = True
+    try:
+        trio.run(_main, runtime)
+    except BaseException:
+        unmount = False
+        raise
+    finally:
+        pyfuse3.close(unmount=unmount)
+        store.close()
+        log.info("unmounted %s", mountpoint)
+    return 0
+
+
+async def _main(runtime: Runtime) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runtime.run)
+        nursery.start_soon(_terminate_on_signals)
+        await pyfuse3.main(min_tasks=4, max_tasks=512)
+        nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def _report(ready_fd: int | None, error: str | None) -> None:
+    """Tell the parent that waits for us whether the mount is live."""
+    if error is not None:
+        print(error, file=sys.stderr)
+    if ready_fd is not None:
+        os.write(ready_fd, b"ok\n" if error is None else error.encode() + b"\n")
+        os.close(ready_fd)
+
+
+def spawn(store_path: Path, mountpoint: Path, options: list[str], jobs: int) -> int:
+    """Start the daemon in the background; return once the mount is live or has failed."""
+    read_end, write_end = os.pipe()
+    args = [sys.executable, "-m", "agentfs", "mount", "-f", "--store", str(store_path),
+            "--jobs", str(jobs), "--ready-fd", str(write_end)]
+    if options:
+        args += ["-o", ",".join(options)]
+    args.append(str(mountpoint))
+    with open(store_path / "daemon.log", "ab") as logfile:
+        # Not waited for: the daemon outlives this command, in a session of its own.
+        subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                         pass_fds=(write_end,), start_new_session=True)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as ready:
+        answer = ready.read().decode().strip()
+    if answer == "ok":
+        return 0
+    print(answer or "agentfs: the daemon exited before mounting (see daemon.log)",
+          file=sys.stderr)
+    return 1

@@ -1,0 +1,508 @@
+"""The FUSE operations: map inodes to nodes of the tree and delegate to the runtime.
+
+Every handler is small: find the node, check who is asking (a tick may touch only its
+own agent), call the runtime, and turn an `FsError` into its errno after logging it
+in the agent's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from . import errors, state
+from .identity import npub_encode
+from .runtime import Runtime
+from .ticks import RunningTick
+from .tree import (
+    AGENT_FILE_BY_NAME,
+    AGENT_FILES,
+    JOURNALS,
+    ROOT_FILES,
+    SERVED_BY_KIND,
+    InodeTable,
+    Kind,
+    Node,
+)
+
+# Agent directories and their fixed files never move: let the kernel cache them.
+STABLE_TIMEOUT = 60.0
+
+
+@dataclass
+class Handle:
+    node: Node
+    tick: RunningTick | None
+    flags: int
+    content: bytes | None = None  # a generated file's text, made when read from offset 0
+    partial: bytearray = field(default_factory=bytearray)  # an inbox/outbox line not yet ended
+    replies: bytearray = field(default_factory=bytearray)  # root ctl: the npubs created here
+
+
+@dataclass
+class DirHandle:
+    node: Node
+    tick: RunningTick | None
+    entries: list[tuple[str, Node]]
+
+
+class AgentFs(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.inodes = InodeTable()
+        self._handles: dict[int, Handle | DirHandle] = {}
+        self._next_fh = 1
+        self._uid, self._gid = os.getuid(), os.getgid()
+        self._mounted_ns = time.time_ns()
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _node(self, inode: int) -> Node:
+        node = self.inodes.node(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, Handle):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    def _new_fh(self, handle: Handle | DirHandle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    @asynccontextmanager
+    async def _refusals(self, node: Node, what: str, log: bool = True) -> AsyncIterator[None]:
+        """FsError -> FUSEError, with a line in the agent's log for what was refused."""
+        try:
+            yield
+        except errors.FsError as e:
+            if log and node.index >= 0:
+                await self.runtime.refused(node.index, what, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+
+    async def _check(self, node: Node, ctx: pyfuse3.RequestContext, write: bool,
+                     what: str) -> RunningTick | None:
+        """Who may touch `node`: returns the tick whose view it is, or None for committed.
+
+        A tick's processes see only their own agent; its writes go through AGENT_DIR.
+        Everyone else sees committed state and cannot enter `.tick/`.
+        """
+        engine = self.runtime.engine
+        caller = engine.tick_of_caller(ctx.pid)
+        refusal: errors.FsError | None = None
+        if node.tick:
+            tick = engine.running.get(node.index)
+            if tick is not None and caller is tick:
+                return tick
+            refusal = errors.denied(f"{what}: .tick/ is only for the agent's running tick")
+        elif caller is not None and node.index >= 0 and node.index != caller.index:
+            refusal = errors.denied(f"{what}: a tick may not touch another agent's files")
+        elif caller is not None and write:
+            refusal = errors.denied(f"{what}: a tick writes through $AGENT_DIR")
+        if refusal is None:
+            return None
+        if caller is not None:
+            await self.runtime.refused(caller.index, what, refusal)
+        raise pyfuse3.FUSEError(refusal.errno)
+
+    def _attrs(self, node: Node, inode: int,
+               tick: RunningTick | None = None) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode
+        attrs.st_uid, attrs.st_gid = self._uid, self._gid
+        attrs.st_blksize = 4096
+        attrs.entry_timeout = attrs.attr_timeout = 0.0
+        mtime = self._mounted_ns
+        kind = node.kind
+        if kind in (Kind.ROOT, Kind.TICKS, Kind.AGENT):
+            attrs.st_mode = stat.S_IFDIR | (0o755 if kind is Kind.ROOT else 0o700)
+            attrs.st_nlink = 2
+            if kind is Kind.AGENT and not node.tick:
+                attrs.entry_timeout = STABLE_TIMEOUT
+        elif kind is Kind.LINK:
+            attrs.st_mode = stat.S_IFLNK | 0o777
+            attrs.st_nlink = 1
+            attrs.st_size = len(self._link_target(node))
+        elif kind is Kind.STATE:
+            entry = self.runtime.state_read(node.index, tick, node.path)
+            if entry is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            served = SERVED_BY_KIND[Kind.STATE]
+            if entry.is_dir:
+                attrs.st_mode = served.mode
+                attrs.st_nlink = 2
+            else:
+                attrs.st_mode = stat.S_IFREG | 0o600
+                attrs.st_nlink = 1
+                attrs.st_size = len(entry.data)
+            mtime = entry.mtime_ns or mtime
+        else:
+            served = SERVED_BY_KIND[kind]
+            attrs.st_mode = served.tick_mode if node.tick else served.mode
+            attrs.st_nlink = 1
+            if kind in JOURNALS:
+                attrs.st_size = self._journal_size(node, tick)
+                mtime = time.time_ns()
+            if node.index >= 0 and not node.tick:
+                attrs.entry_timeout = STABLE_TIMEOUT
+        attrs.st_size = max(attrs.st_size, 0)
+        attrs.st_blocks = (attrs.st_size + 511) // 512
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime
+        return attrs
+
+    def _link_target(self, node: Node) -> bytes:
+        with self.runtime.store.read() as txn:
+            record = self.runtime.store.require_agent(txn, node.index)
+        return npub_encode(bytes.fromhex(record.pubkey)).encode()
+
+    def _journal(self, node: Node) -> tuple[int, object]:
+        journal = self.runtime.outbox if node.kind is Kind.OUTBOX else self.runtime.log
+        return node.index, journal
+
+    def _journal_size(self, node: Node, tick: RunningTick | None) -> int:
+        journal = self.runtime.outbox if node.kind is Kind.OUTBOX else self.runtime.log
+        with self.runtime.store.read() as txn:
+            size = journal.size(txn, node.index)
+        if tick is not None and node.kind is Kind.OUTBOX:
+            size += len(self.runtime.overlay_outbox_bytes(tick))
+        return size
+
+    def _view_tick(self, node: Node) -> RunningTick | None:
+        return self.runtime.engine.running.get(node.index) if node.tick else None
+
+    # -- names -------------------------------------------------------------------
+
+    def _child(self, parent: Node, name: str) -> Node:
+        if parent.kind is Kind.ROOT:
+            for served in ROOT_FILES:
+                if served.name == name:
+                    return Node(served.kind)
+            if name == ".tick":
+                return Node(Kind.TICKS)
+            with self.runtime.store.read() as txn:
+                index = self.runtime.resolve(txn, name)
+            if index is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return Node(Kind.AGENT if name.startswith("npub1") else Kind.LINK, index)
+        if parent.kind is Kind.TICKS:
+            with self.runtime.store.read() as txn:
+                index = self.runtime.resolve(txn, name) if name.startswith("npub1") else None
+            if index is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return Node(Kind.AGENT, index, tick=True)
+        if parent.kind is Kind.AGENT:
+            file = AGENT_FILE_BY_NAME.get(name)
+            if file is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return Node(file.kind, parent.index, tick=parent.tick)
+        if parent.kind is Kind.STATE:
+            return parent.child_state(name)
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        child = self._child(parent, os.fsdecode(name))
+        tick = await self._check(child, ctx, write=False, what=f"lookup {os.fsdecode(name)}")
+        attrs = self._attrs(child, 0, tick)  # raises ENOENT before an inode is spent
+        attrs.st_ino = self.inodes.inode(child)
+        return attrs
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.inodes.forget(inode, count)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        tick = await self._check(node, ctx, write=False, what="stat")
+        return self._attrs(node, inode, tick)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if node.kind is not Kind.LINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return self._link_target(node)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        disk = os.statvfs(self.runtime.store.path)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize, data.f_frsize = disk.f_bsize, disk.f_frsize
+        data.f_blocks, data.f_bfree, data.f_bavail = disk.f_blocks, disk.f_bfree, disk.f_bavail
+        data.f_files, data.f_ffree, data.f_favail = disk.f_files, disk.f_ffree, disk.f_favail
+        data.f_namemax = state.MAX_NAME
+        return data
+
+    # -- directories -----------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        tick = await self._check(node, ctx, write=False, what="list")
+        entries: list[tuple[str, Node]] = []
+        if node.kind is Kind.ROOT:
+            entries = [(f.name, Node(f.kind)) for f in ROOT_FILES]
+            with self.runtime.store.read() as txn:
+                for record in self.runtime.store.agents(txn):
+                    npub = npub_encode(bytes.fromhex(record.pubkey))
+                    entries.append((npub, Node(Kind.AGENT, record.index)))
+                    if record.name:
+                        entries.append((record.name, Node(Kind.LINK, record.index)))
+        elif node.kind is Kind.AGENT:
+            entries = [(f.name, Node(f.kind, node.index, tick=node.tick)) for f in AGENT_FILES]
+        elif node.kind is Kind.STATE:
+            entry = self.runtime.state_read(node.index, tick, node.path)
+            if entry is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if not entry.is_dir:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            entries = [(name, node.child_state(name))
+                       for name, _e in self.runtime.state_list(node.index, tick, node.path)]
+        elif node.kind is not Kind.TICKS:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return self._new_fh(DirHandle(node, tick, entries))
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._handles[fh]
+        assert isinstance(handle, DirHandle)
+        for position in range(start_id, len(handle.entries)):
+            name, child = handle.entries[position]
+            try:
+                attrs = self._attrs(child, 0, handle.tick)
+            except (pyfuse3.FUSEError, errors.FsError):
+                continue  # gone since opendir
+            # A reply the kernel accepts counts as a lookup; one it refuses does not.
+            attrs.st_ino = self.inodes.inode(child)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, position + 1):
+                self.inodes.forget(attrs.st_ino, 1)
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._state_child(parent_inode, name)
+        tick = await self._check(node, ctx, write=True, what=f"mkdir state/{node.path}")
+        async with self._refusals(node, f"mkdir state/{node.path}"):
+            await self.runtime.state_op(node.index, tick, lambda v: state.mkdir(v, node.path))
+        return self._attrs(node, self.inodes.inode(node), tick)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self._state_child(parent_inode, name)
+        tick = await self._check(node, ctx, write=True, what=f"rmdir state/{node.path}")
+        async with self._refusals(node, f"rmdir state/{node.path}"):
+            await self.runtime.state_op(node.index, tick, lambda v: state.rmdir(v, node.path))
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self._state_child(parent_inode, name)
+        tick = await self._check(node, ctx, write=True, what=f"rm state/{node.path}")
+        async with self._refusals(node, f"rm state/{node.path}"):
+            await self.runtime.state_op(node.index, tick, lambda v: state.unlink(v, node.path))
+
+    async def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        old = self._state_child(parent_old, name_old)
+        new = self._state_child(parent_new, name_new)
+        what = f"mv state/{old.path} state/{new.path}"
+        if (old.index, old.tick) != (new.index, new.tick):
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        tick = await self._check(old, ctx, write=True, what=what)
+
+        def move(view: state.StateView) -> None:
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                raise errors.invalid(f"{what}: exchanging files is not supported")
+            if flags & pyfuse3.RENAME_NOREPLACE and view.get(new.path) is not None:
+                raise errors.exists(f"state/{new.path}")
+            state.rename(view, old.path, new.path)
+
+        async with self._refusals(old, what):
+            await self.runtime.state_op(old.index, tick, move)
+        self.inodes.rename(old, new)
+
+    def _state_child(self, parent_inode: int, name: bytes) -> Node:
+        parent = self._node(parent_inode)
+        if parent.kind is not Kind.STATE:
+            raise pyfuse3.FUSEError(errno.EACCES if parent.kind is not Kind.ROOT else errno.EPERM)
+        return parent.child_state(os.fsdecode(name))
+
+    # -- files -----------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        tick = await self._check(node, ctx, write=writing and not node.tick,
+                                 what=f"open {node.kind.value}")
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if writing and node.kind is Kind.LOG:
+            await self._refuse(node, "open log for writing", "log: the audit trail is read-only")
+        if writing and node.kind is Kind.OUTBOX and tick is None:
+            await self._refuse(node, "open outbox for writing",
+                               "outbox: only the agent's own ticks append to it, through "
+                               "$AGENT_DIR/outbox")
+        if writing and node.kind is Kind.BUDGET and tick is not None:
+            await self._refuse(node, "open budget for writing",
+                               "budget: an agent cannot change its own limits")
+        if node.kind is Kind.STATE and self.runtime.state_read(node.index, tick, node.path) is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        fh = self._new_fh(Handle(node, tick, flags))
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    async def _refuse(self, node: Node, what: str, why: str) -> None:
+        async with self._refusals(node, what):
+            raise errors.denied(why)
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = self._state_child(parent_inode, name)
+        tick = await self._check(node, ctx, write=True, what=f"create state/{node.path}")
+        async with self._refusals(node, f"create state/{node.path}"):
+            await self.runtime.state_op(node.index, tick, lambda v: state.create(v, node.path))
+        fh = self._new_fh(Handle(node, tick, flags))
+        attrs = self._attrs(node, self.inodes.inode(node), tick)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), attrs
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        changing = fields.update_size or fields.update_mtime
+        tick = await self._check(node, ctx, write=bool(changing) and not node.tick,
+                                 what=f"setattr {node.kind.value}")
+        if node.kind is Kind.STATE and not node.is_dir:
+            size = attr.st_size if fields.update_size else None
+            async with self._refusals(node, f"truncate state/{node.path}"):
+                await self.runtime.state_op(node.index, tick,
+                                            lambda v: _touch(v, node.path, size))
+        elif fields.update_size and node.kind in JOURNALS:
+            await self._refuse(node, f"truncate {node.kind.value}",
+                               f"{node.kind.value}: append-only, cannot be truncated")
+        # Truncating ctl, inbox or budget (O_TRUNC from `>`) is a no-op: writes are commands.
+        return self._attrs(node, inode, tick)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handle(fh)
+        node, tick = handle.node, handle.tick
+        kind = node.kind
+        if kind is Kind.STATE:
+            entry = self.runtime.state_read(node.index, tick, node.path)
+            if entry is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return entry.data[off:off + size]
+        if kind in JOURNALS:
+            return self._read_journal(node, tick, off, size)
+        if kind is Kind.ROOT_CTL:
+            return bytes(handle.replies[off:off + size])
+        if handle.content is None or off == 0:
+            async with self._refusals(node, f"read {kind.value}", log=False):
+                handle.content = self._generate(node)
+        return handle.content[off:off + size]
+
+    def _generate(self, node: Node) -> bytes:
+        if node.kind is Kind.CTL:
+            return self.runtime.ctl_text(node.index)
+        if node.kind is Kind.BUDGET:
+            return self.runtime.budget_text(node.index)
+        return self.runtime.inbox_text(node.index)
+
+    def _read_journal(self, node: Node, tick: RunningTick | None, off: int, size: int) -> bytes:
+        journal = self.runtime.outbox if node.kind is Kind.OUTBOX else self.runtime.log
+        with self.runtime.store.read() as txn:
+            committed = journal.size(txn, node.index)
+            data = journal.read(txn, node.index, off, size) if off < committed else b""
+        if tick is not None and node.kind is Kind.OUTBOX and len(data) < size:
+            pending = self.runtime.overlay_outbox_bytes(tick)
+            start = max(0, off - committed)
+            data += pending[start:start + size - len(data)]
+        return data
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handle(fh)
+        node, tick, kind = handle.node, handle.tick, handle.node.kind
+        runtime = self.runtime
+        async with self._refusals(node, f"write {kind.value}"):
+            if kind is Kind.STATE:
+                append = bool(handle.flags & os.O_APPEND)
+                await runtime.state_op(node.index, tick,
+                                       lambda v: _write(v, node.path, off, buf, append))
+            elif kind is Kind.ROOT_CTL:
+                for npub in await runtime.create_agents(buf):
+                    handle.replies += npub.encode() + b"\n"
+            elif kind is Kind.CTL:
+                await runtime.agent_ctl(node.index, buf, tick)
+            elif kind is Kind.BUDGET:
+                await runtime.budget_write(node.index, buf, tick)
+            elif kind in (Kind.INBOX, Kind.OUTBOX):
+                handle.partial += buf
+                end = handle.partial.rfind(b"\n") + 1
+                if end:
+                    complete = bytes(handle.partial[:end])
+                    del handle.partial[:end]
+                    await self._deliver(handle, complete)
+            else:
+                raise errors.denied(f"{kind.value}: read-only")
+        return len(buf)
+
+    async def _deliver(self, handle: Handle, lines: bytes) -> None:
+        node = handle.node
+        if node.kind is Kind.INBOX:
+            await self.runtime.inbox_write(node.index, lines, handle.tick)
+        else:
+            self.runtime.outbox_write(lines, handle.tick)
+
+    async def flush(self, fh: int) -> None:
+        handle = self._handles.get(fh)
+        if isinstance(handle, Handle) and handle.partial:
+            rest = bytes(handle.partial)
+            handle.partial.clear()
+            async with self._refusals(handle.node, f"write {handle.node.kind.value}"):
+                await self._deliver(handle, rest)
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.get(fh)
+        if isinstance(handle, Handle) and handle.partial:
+            # Already logged if refused: release cannot report an error.
+            with trio.CancelScope(shield=True), contextlib.suppress(pyfuse3.FUSEError):
+                await self.flush(fh)
+        self._handles.pop(fh, None)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        pass  # every acknowledged write is already committed durably
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return True
+
+
+def _write(view: state.StateView, path: str, off: int, data: bytes, append: bool) -> None:
+    if append:
+        entry = view.get(path)
+        off = len(entry.data) if entry is not None else 0
+    state.write(view, path, off, data)
+
+
+def _touch(view: state.StateView, path: str, size: int | None) -> None:
+    if size is not None:
+        state.truncate(view, path, size)
+    else:
+        entry = state.lookup(view, path)
+        view.set(path, state.Entry(entry.is_dir, state.now_ns(), entry.data))
+
+

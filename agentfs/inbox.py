@@ -1,0 +1,97 @@
+"""The inbox queue: pending triggers keyed `ix + seq`, consumed by deleting them at commit."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from . import errors
+from .store import AgentStore, Txn, agent_key
+
+Message = dict[str, Any]
+
+
+def rfc3339_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_line(line: bytes) -> Message:
+    """One inbox line as a message: a JSON object, or text that becomes a text message."""
+    text = line.decode("utf-8", errors="strict").rstrip("\r")
+    if text.lstrip().startswith("{"):
+        try:
+            message = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise errors.invalid(
+                f"inbox: line is not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(message, dict):
+            raise errors.invalid("inbox: a JSON line must be an object")
+        return message
+    return {"type": "text", "data": text}
+
+
+def parse_lines(data: bytes) -> list[Message]:
+    """Every non-empty line of `data` as a message, or EINVAL for the whole lot."""
+    messages = []
+    for line in data.split(b"\n"):
+        if line.strip():
+            try:
+                messages.append(parse_line(line))
+            except UnicodeDecodeError:
+                raise errors.invalid("inbox: a line is not UTF-8") from None
+    return messages
+
+
+class Inbox:
+    def __init__(self, store: AgentStore) -> None:
+        self.store = store
+        self.db = store.db["inbox"]
+
+    def append(self, txn: Txn, index: int, message: Message) -> Message:
+        """Queue `message`, stamping it with id, seq and time; returns the stored message."""
+        seq = self.store.bump_counter(txn, index, b"inbox-seq")
+        stored = dict(message)
+        stored.setdefault("type", "text")
+        if not isinstance(stored.get("id"), str) or not stored["id"]:
+            stored["id"] = secrets.token_hex(16)
+        stored["seq"] = seq
+        stored["time"] = rfc3339_now()
+        raw = json.dumps(stored, separators=(",", ":"), ensure_ascii=False).encode()
+        txn.put(agent_key(index) + seq.to_bytes(8, "big"), raw, db=self.db)
+        return stored
+
+    def pending(self, txn: Txn, index: int) -> Iterator[tuple[int, bytes]]:
+        prefix = agent_key(index)
+        cursor = txn.cursor(db=self.db)
+        if not cursor.set_range(prefix):
+            return
+        for key, raw in cursor:
+            key = bytes(key)
+            if not key.startswith(prefix):
+                return
+            yield int.from_bytes(key[4:], "big"), bytes(raw)
+
+    def first(self, txn: Txn, index: int) -> tuple[int, Message] | None:
+        for seq, raw in self.pending(txn, index):
+            return seq, json.loads(raw)
+        return None
+
+    def count(self, txn: Txn, index: int) -> int:
+        return sum(1 for _ in self.pending(txn, index))
+
+    def consume(self, txn: Txn, index: int, seq: int) -> bool:
+        return bool(txn.delete(agent_key(index) + seq.to_bytes(8, "big"), db=self.db))
+
+    def agents_with_pending(self, txn: Txn) -> Iterator[int]:
+        """Each agent index that has a pending message, skipping over the rest of its queue."""
+        cursor = txn.cursor(db=self.db)
+        if not cursor.first():
+            return
+        while True:
+            index = int.from_bytes(bytes(cursor.key())[:4], "big")
+            yield index
+            if not cursor.set_range(agent_key(index + 1)):
+                return

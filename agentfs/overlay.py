@@ -1,0 +1,44 @@
+"""A tick's uncommitted writes: seen by the tick through AGENT_DIR, by nobody else until commit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .ctl import Command
+from .state import Entry, TxnState, split
+from .store import AgentStore
+
+
+@dataclass
+class TickOverlay:
+    """Implements `state.StateView` over the committed state, plus the tick's other effects."""
+
+    store: AgentStore
+    index: int
+    changes: dict[str, Entry | None] = field(default_factory=dict)
+    outbox: list[dict[str, Any]] = field(default_factory=list)
+    inbox: list[dict[str, Any]] = field(default_factory=list)
+    ctl: list[Command] = field(default_factory=list)
+
+    def get(self, path: str) -> Entry | None:
+        if path in self.changes:
+            return self.changes[path]
+        with self.store.read() as txn:
+            return TxnState(self.store, txn, self.index).get(path)
+
+    def children(self, path: str) -> Iterator[tuple[str, Entry]]:
+        with self.store.read() as txn:
+            merged = dict(TxnState(self.store, txn, self.index).children(path))
+        for changed, entry in self.changes.items():
+            parent, name = split(changed)
+            if parent == path and changed != "":
+                if entry is None:
+                    merged.pop(name, None)
+                else:
+                    merged[name] = entry
+        yield from sorted(merged.items())
+
+    def set(self, path: str, entry: Entry | None) -> None:
+        self.changes[path] = entry

@@ -1,0 +1,298 @@
+"""What the served files mean: the operations the FUSE layer delegates to.
+
+`Runtime` owns the store, the group committer and the tick engine.  Every mutation is
+a function of a write transaction handed to the committer; a write from a running
+tick goes to that tick's overlay instead.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import trio
+
+from . import budget, errors, state
+from .committer import CommitQueue
+from .ctl import Command, parse_agent_ctl, parse_root_ctl, quote_program
+from .identity import agent_private_key, npub_decode, npub_encode, public_key
+from .inbox import Inbox, Message, parse_lines, rfc3339_now
+from .journal import Journal, encode_line
+from .store import AgentRecord, AgentStore, Txn, agent_key
+from .ticks import RunningTick, TickEngine
+
+T = TypeVar("T")
+
+
+class Runtime:
+    def __init__(self, store: AgentStore, mountpoint: str, jobs: int = 8) -> None:
+        self.store = store
+        self.inbox = Inbox(store)
+        self.outbox = Journal(store, "outbox")
+        self.log = Journal(store, "log")
+        self.committer = CommitQueue(store)
+        self.engine = TickEngine(self, mountpoint, jobs)
+        self._locks: dict[int, trio.Lock] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.committer.run)
+            await nursery.start(self.engine.run)
+            task_status.started()
+
+    @asynccontextmanager
+    async def agent_lock(self, index: int) -> AsyncIterator[None]:
+        """Serialises a tick with writes to the agent's committed state from outside it."""
+        lock = self._locks.setdefault(index, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            stats = lock.statistics()
+            if not stats.locked and not stats.tasks_waiting:
+                self._locks.pop(index, None)
+
+    # -- names ---------------------------------------------------------------
+
+    def resolve(self, txn: Txn, name: str) -> int | None:
+        """An agent index from an npub or a name."""
+        if name.startswith("npub1"):
+            try:
+                return self.store.index_by_pubkey(txn, npub_decode(name))
+            except ValueError:
+                return None
+        return self.store.index_by_name(txn, name)
+
+    # -- generated file contents ---------------------------------------------
+
+    def storage_bytes(self, txn: Txn, index: int) -> int:
+        raw = txn.get(agent_key(index) + b"storage-bytes", db=self.store.db["counters"])
+        return 0 if raw is None else int.from_bytes(raw, "big", signed=True)
+
+    def add_storage(self, txn: Txn, index: int, delta: int) -> None:
+        if delta:
+            value = self.storage_bytes(txn, index) + delta
+            txn.put(agent_key(index) + b"storage-bytes", value.to_bytes(8, "big", signed=True),
+                    db=self.store.db["counters"])
+
+    def ctl_text(self, index: int) -> bytes:
+        with self.store.read() as txn:
+            record = self.store.require_agent(txn, index)
+            pending = self.inbox.count(txn, index)
+        status = "active" if index in self.engine.running else record.status
+        lines = [
+            ("npub", npub_encode(bytes.fromhex(record.pubkey))),
+            ("name", record.name or "-"),
+            ("status", status),
+            ("ticks", str(record.ticks)),
+            ("pending", str(pending)),
+            ("last", record.last or "-"),
+            ("program", quote_program(record.program)),
+        ]
+        return "".join(f"{k} {v}\n" for k, v in lines).encode()
+
+    def budget_text(self, index: int) -> bytes:
+        with self.store.read() as txn:
+            record = self.store.require_agent(txn, index)
+            return budget.render(record, self.storage_bytes(txn, index)).encode()
+
+    def inbox_text(self, index: int) -> bytes:
+        with self.store.read() as txn:
+            return b"".join(raw + b"\n" for _seq, raw in self.inbox.pending(txn, index))
+
+    def outgoing(self, message: Message, npub: str, now: str) -> Message:
+        out = dict(message)
+        out.setdefault("id", secrets.token_hex(16))
+        out.setdefault("type", "text")
+        out["from"] = npub
+        out["time"] = now
+        return out
+
+    def overlay_outbox_bytes(self, tick: RunningTick) -> bytes:
+        return b"".join(encode_line(m) for m in tick.overlay.outbox)
+
+    # -- writes ----------------------------------------------------------------
+
+    def _writable(self, txn: Txn, index: int) -> AgentRecord:
+        record = self.store.require_agent(txn, index)
+        if record.status == "terminated":
+            raise errors.denied("the agent is terminated: its files are read-only")
+        return record
+
+    async def create_agents(self, data: bytes) -> list[str]:
+        """`new NAME [PROGRAM ARG...]` lines; returns the new agents' npubs."""
+        wanted = parse_root_ctl(data)
+
+        def apply(txn: Txn) -> list[str]:
+            mnemonic = self.store.mnemonic(txn)
+            created = []
+            for new in wanted:
+                if self.store.index_by_name(txn, new.name) is not None:
+                    raise errors.exists(f"name {new.name!r}")
+                index = self.store.claim_index(txn)
+                pub = public_key(agent_private_key(mnemonic, index))
+                record = AgentRecord(index, pub.hex(), new.name, new.program, "dormant",
+                                     created=rfc3339_now())
+                self.store.add_agent(txn, record)
+                self.log.append(txn, index, {
+                    "time": record.created, "event": "create", "name": new.name,
+                    "program": quote_program(new.program)})
+                created.append(npub_encode(pub))
+            return created
+
+        return await self.committer.commit(apply)
+
+    async def agent_ctl(self, index: int, data: bytes, tick: RunningTick | None) -> None:
+        commands = parse_agent_ctl(data)
+        if tick is not None:
+            self._tick_ctl(tick, commands)
+            return
+
+        def apply(txn: Txn) -> bool:
+            record = self._writable(txn, index)
+            now = rfc3339_now()
+            for command in commands:
+                self._apply_ctl(txn, record, command)
+                self.log.append(txn, index, {"time": now, "event": "ctl",
+                                             "command": _describe(command)})
+            self.store.put_agent(txn, record)
+            return record.status == "active"
+
+        if await self.committer.commit(apply):
+            self.engine.notify(index)
+
+    def _apply_ctl(self, txn: Txn, record: AgentRecord, command: Command) -> None:
+        verb = command.verb
+        if verb == "wake":
+            self.inbox.append(txn, record.index, {"type": "wake", "data": command.text})
+            if record.status == "dormant":
+                record.status = "active"
+        elif verb == "program":
+            record.program = list(command.args)
+        elif verb == "name":
+            self.store.set_name(txn, record, command.args[0])
+        elif verb == "sleep" and record.status == "active":
+            record.status = "dormant"
+        elif verb == "terminate":
+            record.status = "terminated"
+        elif verb == "recover" and record.status == "failed":
+            record.failures = 0
+            has_work = self.inbox.first(txn, record.index) is not None
+            record.status = "active" if has_work else "dormant"
+
+    def _tick_ctl(self, tick: RunningTick, commands: list[Command]) -> None:
+        for command in commands:
+            if command.verb == "name":
+                with self.store.read() as txn:
+                    holder = self.store.index_by_name(txn, command.args[0])
+                if holder not in (None, tick.index):
+                    raise errors.exists(f"name {command.args[0]!r}")
+            if command.verb == "recover":
+                raise errors.invalid("ctl: recover is for an agent that is not running")
+        for command in commands:
+            if command.verb == "wake":
+                tick.overlay.inbox.append({"type": "wake", "data": command.text})
+            else:
+                tick.overlay.ctl.append(command)
+
+    async def inbox_write(self, index: int, data: bytes, tick: RunningTick | None) -> None:
+        messages = parse_lines(data)
+        if not messages:
+            return
+        if tick is not None:
+            tick.overlay.inbox.extend(messages)
+            return
+
+        def apply(txn: Txn) -> bool:
+            record = self._writable(txn, index)
+            for message in messages:
+                self.inbox.append(txn, index, message)
+            if record.status == "dormant":
+                record.status = "active"
+                self.store.put_agent(txn, record)
+            return record.status == "active"
+
+        if await self.committer.commit(apply):
+            self.engine.notify(index)
+
+    def outbox_write(self, data: bytes, tick: RunningTick | None) -> None:
+        if tick is None:
+            raise errors.denied(
+                "outbox: only the agent's own ticks append to it, through $AGENT_DIR/outbox")
+        tick.overlay.outbox.extend(parse_lines(data))
+
+    async def budget_write(self, index: int, data: bytes, tick: RunningTick | None) -> None:
+        if tick is not None:
+            raise errors.denied("budget: an agent cannot change its own limits")
+        try:
+            settings = budget.parse_settings(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise errors.invalid("budget: not UTF-8 text") from None
+
+        def apply(txn: Txn) -> None:
+            record = self._writable(txn, index)
+            record.limits.update(settings)
+            self.store.put_agent(txn, record)
+            shown = {k: budget.LIMIT_BY_KEY[k].render(v) for k, v in settings.items()}
+            self.log.append(txn, index, {"time": rfc3339_now(), "event": "budget", "set": shown})
+
+        await self.committer.commit(apply)
+
+    async def state_op(self, index: int, tick: RunningTick | None,
+                       op: Callable[[state.StateView], T]) -> T:
+        """Run a `state` operation: in the tick's overlay, or committed durably."""
+        if tick is not None:
+            if tick.index != index:
+                raise errors.denied("a tick may only touch its own agent's state")
+            return op(tick.overlay)
+
+        def apply(txn: Txn) -> T:
+            self._writable(txn, index)
+            view = state.TxnState(self.store, txn, index)
+            result = op(view)
+            self.add_storage(txn, index, view.bytes_delta)
+            return result
+
+        async with self.agent_lock(index):
+            return await self.committer.commit(apply)
+
+    def state_read(self, index: int, tick: RunningTick | None, path: str) -> state.Entry | None:
+        if tick is not None:
+            return tick.overlay.get(path)
+        with self.store.read() as txn:
+            return state.TxnState(self.store, txn, index).get(path)
+
+    def state_list(self, index: int, tick: RunningTick | None,
+                   path: str) -> list[tuple[str, state.Entry]]:
+        if tick is not None:
+            return list(tick.overlay.children(path))
+        with self.store.read() as txn:
+            return list(state.TxnState(self.store, txn, index).children(path))
+
+    async def refused(self, index: int, what: str, error: errors.FsError) -> None:
+        """Say in the agent's log what was refused and why (committed on its own)."""
+        entry = {"time": rfc3339_now(), "event": "refused", "op": what,
+                 "errno": _errno_name(error.errno), "error": error.message}
+
+        def apply(txn: Txn) -> None:
+            if self.store.agent(txn, index) is not None:
+                self.log.append(txn, index, entry)
+
+        await self.committer.commit(apply)
+
+
+def _describe(command: Command) -> str:
+    if command.verb == "wake":
+        return f"wake {command.text}".rstrip()
+    return " ".join((command.verb, *command.args)) if command.verb != "program" else \
+        f"program {quote_program(list(command.args))}"
+
+
+def _errno_name(code: int) -> str:
+    import errno as errno_module
+
+    return errno_module.errorcode.get(code, str(code))
+
+

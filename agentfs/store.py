@@ -1,0 +1,229 @@
+"""The LMDB store: one environment holding every agent's record, memory, queues and journals.
+
+Layout (named databases; an agent is its 4-byte big-endian creation index `ix`):
+    meta      b"mnemonic", b"next_index", b"version"
+    agents    ix -> AgentRecord as JSON
+    pubkeys   32-byte x-only pubkey -> ix
+    names     name -> ix
+    state     ix + parent path + b"\\0" + name -> entry (see state.py)
+    inbox     ix + seq (8 bytes) -> message JSON (pending triggers; consumed ones are deleted)
+    outbox    ix + byte offset (8 bytes) -> one JSON line (see journal.py)
+    log       ix + byte offset (8 bytes) -> one JSON line
+    counters  ix + counter name -> 8-byte integer
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from . import errors
+
+STORE_VERSION = 1
+DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters")
+
+# Address space only: LMDB grows the file as pages are written, not to the map size.
+DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
+
+Txn = lmdb.Transaction
+
+
+def agent_key(index: int) -> bytes:
+    return index.to_bytes(4, "big")
+
+
+def default_store_path() -> Path:
+    if env := os.environ.get("AGENTFS_STORE"):
+        return Path(env)
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(data) / "agentfs"
+
+
+@dataclass
+class AgentRecord:
+    """What the store keeps about one agent besides its memory and queues."""
+
+    index: int
+    pubkey: str
+    name: str | None = None
+    program: list[str] | None = None
+    status: str = "dormant"  # creating | dormant | failed | terminated ("active" is derived)
+    ticks: int = 0
+    last: str | None = None
+    created: str = ""
+    limits: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
+    failures: int = 0
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> AgentRecord:
+        return cls(**json.loads(raw))
+
+
+class StoreInUse(Exception):
+    pass
+
+
+class AgentStore:
+    """An open store: the LMDB environment, its databases and the daemon lock."""
+
+    def __init__(self, path: Path, env: lmdb.Environment) -> None:
+        self.path = path
+        self.env = env
+        self.db = {name: env.open_db(name.encode()) for name in DB_NAMES}
+        self._lock_fd: int | None = None
+
+    # -- opening ---------------------------------------------------------
+
+    @staticmethod
+    def _open_env(path: Path, map_size: int) -> lmdb.Environment:
+        return lmdb.open(
+            str(path), map_size=map_size, max_dbs=len(DB_NAMES) + 2, mode=0o600,
+            subdir=True, create=False, readahead=False, sync=True, metasync=True,
+            max_readers=256,
+        )
+
+    @classmethod
+    def create(cls, path: Path, mnemonic: str, map_size: int = DEFAULT_MAP_SIZE) -> AgentStore:
+        path = Path(path)
+        if (path / "data.mdb").exists():
+            raise FileExistsError(f"{path}: a store already exists")
+        old_umask = os.umask(0o077)
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(path, 0o700)
+            env = lmdb.open(str(path), map_size=map_size, max_dbs=len(DB_NAMES) + 2,
+                            mode=0o600, subdir=True, create=True)
+            store = cls(path, env)
+            with env.begin(write=True) as txn:
+                meta = store.db["meta"]
+                txn.put(b"version", str(STORE_VERSION).encode(), db=meta)
+                txn.put(b"mnemonic", mnemonic.encode(), db=meta)
+                txn.put(b"next_index", b"0", db=meta)
+        finally:
+            os.umask(old_umask)
+        return store
+
+    @classmethod
+    def open(cls, path: Path, map_size: int = DEFAULT_MAP_SIZE) -> AgentStore:
+        path = Path(path)
+        if not (path / "data.mdb").exists():
+            raise FileNotFoundError(f"{path}: no store here (create one with `agentfs init`)")
+        store = cls(path, cls._open_env(path, map_size))
+        with store.env.begin() as txn:
+            version = txn.get(b"version", db=store.db["meta"])
+        if version != str(STORE_VERSION).encode():
+            store.close()
+            raise ValueError(
+                f"{path}: store version {version!r}, this agentfs reads {STORE_VERSION}")
+        return store
+
+    def lock(self) -> None:
+        """Take the one-daemon-per-store lock; its file holds the daemon's pid."""
+        fd = os.open(self.path / "daemon.pid", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode().strip() or "?"
+            os.close(fd)
+            raise StoreInUse(f"{self.path} is in use by pid {holder}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        self.env.close()
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def read(self) -> Txn:
+        return self.env.begin(write=False)
+
+    # -- meta --------------------------------------------------------------
+
+    def mnemonic(self, txn: Txn) -> str:
+        raw = txn.get(b"mnemonic", db=self.db["meta"])
+        assert raw is not None
+        return bytes(raw).decode()
+
+    def next_index(self, txn: Txn) -> int:
+        return int(bytes(txn.get(b"next_index", db=self.db["meta"]) or b"0"))
+
+    def claim_index(self, txn: Txn) -> int:
+        index = self.next_index(txn)
+        txn.put(b"next_index", str(index + 1).encode(), db=self.db["meta"])
+        return index
+
+    # -- agents ------------------------------------------------------------
+
+    def agent(self, txn: Txn, index: int) -> AgentRecord | None:
+        raw = txn.get(agent_key(index), db=self.db["agents"])
+        return None if raw is None else AgentRecord.decode(bytes(raw))
+
+    def require_agent(self, txn: Txn, index: int) -> AgentRecord:
+        record = self.agent(txn, index)
+        if record is None:
+            raise errors.no_such_file(f"agent {index}")
+        return record
+
+    def put_agent(self, txn: Txn, record: AgentRecord) -> None:
+        txn.put(agent_key(record.index), record.encode(), db=self.db["agents"])
+
+    def index_by_pubkey(self, txn: Txn, pubkey: bytes) -> int | None:
+        raw = txn.get(pubkey, db=self.db["pubkeys"])
+        return None if raw is None else int.from_bytes(raw, "big")
+
+    def index_by_name(self, txn: Txn, name: str) -> int | None:
+        raw = txn.get(name.encode(), db=self.db["names"])
+        return None if raw is None else int.from_bytes(raw, "big")
+
+    def add_agent(self, txn: Txn, record: AgentRecord) -> None:
+        pub = bytes.fromhex(record.pubkey)
+        if not txn.put(pub, agent_key(record.index), db=self.db["pubkeys"], overwrite=False):
+            raise errors.exists(f"agent key {record.pubkey}")
+        if record.name is not None:
+            self.set_name(txn, record, record.name)
+        self.put_agent(txn, record)
+
+    def set_name(self, txn: Txn, record: AgentRecord, name: str) -> None:
+        names = self.db["names"]
+        holder = self.index_by_name(txn, name)
+        if holder is not None and holder != record.index:
+            raise errors.exists(f"name {name!r}")
+        if record.name is not None and record.name != name:
+            txn.delete(record.name.encode(), db=names)
+        txn.put(name.encode(), agent_key(record.index), db=names)
+        record.name = name
+
+    def agents(self, txn: Txn, start: int = 0) -> Iterator[AgentRecord]:
+        cursor = txn.cursor(db=self.db["agents"])
+        if not cursor.set_range(agent_key(start)):
+            return
+        for _key, raw in cursor:
+            yield AgentRecord.decode(bytes(raw))
+
+    def names(self, txn: Txn) -> Iterator[tuple[str, int]]:
+        for key, raw in txn.cursor(db=self.db["names"]):
+            yield bytes(key).decode(), int.from_bytes(raw, "big")
+
+    # -- counters ----------------------------------------------------------
+
+    def bump_counter(self, txn: Txn, index: int, name: bytes) -> int:
+        key = agent_key(index) + name
+        raw = txn.get(key, db=self.db["counters"])
+        value = (0 if raw is None else int.from_bytes(raw, "big")) + 1
+        txn.put(key, value.to_bytes(8, "big"), db=self.db["counters"])
+        return value
