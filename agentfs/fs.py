@@ -20,7 +20,6 @@ import pyfuse3
 import trio
 
 from . import errors, state
-from .identity import npub_encode
 from .runtime import Runtime
 from .ticks import RunningTick
 from .tree import (
@@ -67,6 +66,17 @@ class AgentFs(pyfuse3.Operations):
         self._next_fh = 1
         self._uid, self._gid = os.getuid(), os.getgid()
         self._mounted_ns = time.time_ns()
+        runtime.name_dropped = self._drop_name
+
+    async def _drop_name(self, name: str) -> None:
+        """A name now means nothing (or another agent): the kernel must ask us again.
+
+        Awaited, so the ctl write that renamed the agent returns only once the old name is
+        gone; from a worker thread, since the kernel may call back into us meanwhile.
+        """
+        with contextlib.suppress(OSError):
+            await trio.to_thread.run_sync(
+                pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE, os.fsencode(name))
 
     # -- plumbing --------------------------------------------------------------
 
@@ -106,7 +116,7 @@ class AgentFs(pyfuse3.Operations):
         Everyone else sees committed state and cannot enter `.tick/`.
         """
         engine = self.runtime.engine
-        caller = engine.tick_of_caller(ctx.pid)
+        caller = await engine.tick_of_caller(ctx.pid)
         refusal: errors.FsError | None = None
         if node.tick:
             tick = engine.running.get(node.index)
@@ -141,6 +151,7 @@ class AgentFs(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFLNK | 0o777
             attrs.st_nlink = 1
             attrs.st_size = len(self._link_target(node))
+            attrs.entry_timeout = attrs.attr_timeout = STABLE_TIMEOUT  # see _drop_name
         elif kind is Kind.STATE:
             entry = self.runtime.state_read(node.index, tick, node.path)
             if entry is None:
@@ -171,7 +182,7 @@ class AgentFs(pyfuse3.Operations):
     def _link_target(self, node: Node) -> bytes:
         with self.runtime.store.read() as txn:
             record = self.runtime.store.require_agent(txn, node.index)
-        return npub_encode(bytes.fromhex(record.pubkey)).encode()
+        return record.npub.encode()
 
     def _journal(self, node: Node) -> tuple[int, object]:
         journal = self.runtime.outbox if node.kind is Kind.OUTBOX else self.runtime.log
@@ -260,8 +271,7 @@ class AgentFs(pyfuse3.Operations):
             entries = [(f.name, Node(f.kind)) for f in ROOT_FILES]
             with self.runtime.store.read() as txn:
                 for record in self.runtime.store.agents(txn):
-                    npub = npub_encode(bytes.fromhex(record.pubkey))
-                    entries.append((npub, Node(Kind.AGENT, record.index)))
+                    entries.append((record.npub, Node(Kind.AGENT, record.index)))
                     if record.name:
                         entries.append((record.name, Node(Kind.LINK, record.index)))
         elif node.kind is Kind.AGENT:
@@ -362,6 +372,8 @@ class AgentFs(pyfuse3.Operations):
                                "budget: an agent cannot change its own limits")
         if node.kind is Kind.STATE and self.runtime.state_read(node.index, tick, node.path) is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if node.kind is Kind.STATE and writing and flags & os.O_TRUNC:  # atomic_o_trunc is on
+            await self.runtime.state_op(node.index, tick, lambda v: state.truncate(v, node.path, 0))
         fh = self._new_fh(Handle(node, tick, flags))
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 

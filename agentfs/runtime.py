@@ -8,7 +8,7 @@ tick goes to that tick's overlay instead.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -35,6 +35,8 @@ class Runtime:
         self.committer = CommitQueue(store)
         self.engine = TickEngine(self, mountpoint, jobs)
         self._locks: dict[int, trio.Lock] = {}
+        # Called with an agent's old name after it changed: the file server drops the link.
+        self.name_dropped: Callable[[str], Awaitable[None]] = _nothing
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -83,7 +85,7 @@ class Runtime:
             pending = self.inbox.count(txn, index)
         status = "active" if index in self.engine.running else record.status
         lines = [
-            ("npub", npub_encode(bytes.fromhex(record.pubkey))),
+            ("npub", record.npub),
             ("name", record.name or "-"),
             ("status", status),
             ("ticks", str(record.ticks)),
@@ -150,17 +152,24 @@ class Runtime:
             self._tick_ctl(tick, commands)
             return
 
+        dropped: list[str] = []
+
         def apply(txn: Txn) -> bool:
             record = self._writable(txn, index)
             now = rfc3339_now()
             for command in commands:
+                if command.verb == "name" and record.name not in (None, command.args[0]):
+                    dropped.append(record.name)
                 self._apply_ctl(txn, record, command)
                 self.log.append(txn, index, {"time": now, "event": "ctl",
                                              "command": _describe(command)})
             self.store.put_agent(txn, record)
             return record.status == "active"
 
-        if await self.committer.commit(apply):
+        active = await self.committer.commit(apply)
+        for old in dropped:
+            await self.name_dropped(old)
+        if active:
             self.engine.notify(index)
 
     def _apply_ctl(self, txn: Txn, record: AgentRecord, command: Command) -> None:
@@ -281,6 +290,10 @@ class Runtime:
                 self.log.append(txn, index, entry)
 
         await self.committer.commit(apply)
+
+
+async def _nothing(name: str) -> None:
+    pass
 
 
 def _describe(command: Command) -> str:

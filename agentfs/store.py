@@ -15,6 +15,7 @@ Layout (named databases; an agent is its 4-byte big-endian creation index `ix`):
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ from typing import Any
 import lmdb
 
 from . import errors
+from .identity import npub_encode
 
 STORE_VERSION = 1
 DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters")
@@ -63,12 +65,22 @@ class AgentRecord:
     usage: dict[str, Any] = field(default_factory=dict)
     failures: int = 0
 
+    @property
+    def npub(self) -> str:
+        return _npub(self.pubkey)
+
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> AgentRecord:
         return cls(**json.loads(raw))
+
+
+@functools.lru_cache(maxsize=16384)
+def _npub(pubkey: str) -> str:
+    # bech32 in pure Python costs more than the rest of a getattr: keep recent ones.
+    return npub_encode(bytes.fromhex(pubkey))
 
 
 class StoreInUse(Exception):

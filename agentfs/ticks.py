@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import budget
-from .identity import npub_encode
 from .inbox import Message, rfc3339_now
 from .overlay import TickOverlay
 from .state import TxnState
@@ -46,6 +45,7 @@ class RunningTick:
     overlay: TickOverlay
     started: float = field(default_factory=time.monotonic)
     pid: int | None = None
+    dropped_names: list[str] = field(default_factory=list)
 
     @property
     def index(self) -> int:
@@ -102,18 +102,26 @@ class TickEngine:
         self.mountpoint = mountpoint
         self.running: dict[int, RunningTick] = {}
         self._sessions: dict[int, RunningTick] = {}
+        self._spawning: set[trio.Event] = set()
         self._scheduled: set[int] = set()
         self._limiter = trio.CapacityLimiter(jobs)
         self._nursery: trio.Nursery | None = None
 
     # -- who is asking -------------------------------------------------------
 
-    def tick_of_caller(self, pid: int) -> RunningTick | None:
-        """The running tick whose process group `pid` belongs to, if any."""
-        if not self._sessions or pid <= 0:
+    async def tick_of_caller(self, pid: int) -> RunningTick | None:
+        """The running tick whose session `pid` belongs to, if any."""
+        if (not self._sessions and not self._spawning) or pid <= 0:
             return None
         sid = session_of(pid)
-        return None if sid is None else self._sessions.get(sid)
+        if sid is None:
+            return None
+        if sid not in self._sessions and self._spawning:
+            # trio starts programs from a worker thread, so a new program can reach the mount
+            # before its tick is registered: let the spawns in flight finish, then look again.
+            for spawned in list(self._spawning):
+                await spawned.wait()
+        return self._sessions.get(sid)
 
     # -- scheduling ----------------------------------------------------------
 
@@ -163,7 +171,7 @@ class TickEngine:
                     await runtime.committer.commit(lambda t: self._settle(t, index))
                 return None
             seq, trigger = first
-            tick = RunningTick(record, npub_encode(bytes.fromhex(record.pubkey)), seq, trigger,
+            tick = RunningTick(record, record.npub, seq, trigger,
                                TickOverlay(runtime.store, index))
             self.running[index] = tick
             try:
@@ -175,6 +183,8 @@ class TickEngine:
             if outcome.ok:
                 try:
                     await runtime.committer.commit(lambda t: self._commit(t, tick, outcome))
+                    for old in tick.dropped_names:
+                        await runtime.name_dropped(old)
                 except Exception as e:  # noqa: BLE001 - a commit that fails is a failed tick
                     outcome = Outcome(False, f"commit failed: {e}", stderr=outcome.stderr,
                                       duration=outcome.duration)
@@ -198,9 +208,11 @@ class TickEngine:
         started = time.monotonic()
         stdout = _Stdout()
         stderr = bytearray()
+        spawned = trio.Event()
+        self._spawning.add(spawned)
         try:
-            # cwd is outside the mount: the daemon forks while it is busy, and a child that
-            # walked into the mount before exec would wait on the daemon that waits on it.
+            # cwd is outside the mount: a child that walked into the mount before exec
+            # would hold up the spawn until the daemon answered.
             proc = await trio.lowlevel.open_process(
                 record.program, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, start_new_session=True, env=self._environment(tick),
@@ -208,8 +220,12 @@ class TickEngine:
             )
         except OSError as e:
             return Outcome(False, f"cannot start program: {e.strerror}: {record.program[0]}")
-        tick.pid = proc.pid
-        self._sessions[proc.pid] = tick
+        else:
+            tick.pid = proc.pid
+            self._sessions[proc.pid] = tick
+        finally:
+            self._spawning.discard(spawned)
+            spawned.set()
         trigger_line = json.dumps(tick.trigger, separators=(",", ":")).encode() + b"\n"
         timed_out = False
         try:
@@ -269,6 +285,8 @@ class TickEngine:
         asleep = False
         for command in tick.overlay.ctl:
             if command.verb == "name":
+                if record.name not in (None, command.args[0]):
+                    tick.dropped_names.append(record.name)
                 store.set_name(txn, record, command.args[0])
             elif command.verb == "program":
                 record.program = list(command.args)
