@@ -373,7 +373,8 @@ class AgentFs(pyfuse3.Operations):
         if node.kind is Kind.STATE and self.runtime.state_read(node.index, tick, node.path) is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if node.kind is Kind.STATE and writing and flags & os.O_TRUNC:  # atomic_o_trunc is on
-            await self.runtime.state_op(node.index, tick, lambda v: state.truncate(v, node.path, 0))
+            async with self._refusals(node, f"truncate state/{node.path}"):
+                await self.runtime.state_empty(node.index, tick, node.path, create=False)
         fh = self._new_fh(Handle(node, tick, flags))
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
@@ -387,7 +388,7 @@ class AgentFs(pyfuse3.Operations):
         node = self._state_child(parent_inode, name)
         tick = await self._check(node, ctx, write=True, what=f"create state/{node.path}")
         async with self._refusals(node, f"create state/{node.path}"):
-            await self.runtime.state_op(node.index, tick, lambda v: state.create(v, node.path))
+            await self.runtime.state_empty(node.index, tick, node.path, create=True)
         fh = self._new_fh(Handle(node, tick, flags))
         attrs = self._attrs(node, self.inodes.inode(node), tick)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), attrs
@@ -482,6 +483,9 @@ class AgentFs(pyfuse3.Operations):
 
     async def flush(self, fh: int) -> None:
         handle = self._handles.get(fh)
+        if isinstance(handle, Handle) and handle.node.kind is Kind.STATE and handle.tick is None:
+            async with self._refusals(handle.node, f"close state/{handle.node.path}"):
+                await self.runtime.settle(handle.node.index)
         if isinstance(handle, Handle) and handle.partial:
             rest = bytes(handle.partial)
             handle.partial.clear()
@@ -497,7 +501,7 @@ class AgentFs(pyfuse3.Operations):
         self._handles.pop(fh, None)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        pass  # every acknowledged write is already committed durably
+        await self.flush(fh)  # writes are durable when acknowledged; only close-pending remain
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return True

@@ -8,7 +8,7 @@ tick goes to that tick's overlay instead.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -35,6 +35,8 @@ class Runtime:
         self.committer = CommitQueue(store)
         self.engine = TickEngine(self, mountpoint, jobs)
         self._locks: dict[int, trio.Lock] = {}
+        # Files made empty by create or O_TRUNC, not yet committed: see `state_empty`.
+        self._unwritten: dict[int, dict[str, state.Entry]] = {}
         # Called with an agent's old name after it changed: the file server drops the link.
         self.name_dropped: Callable[[str], Awaitable[None]] = _nothing
 
@@ -256,29 +258,74 @@ class Runtime:
             if tick.index != index:
                 raise errors.denied("a tick may only touch its own agent's state")
             return op(tick.overlay)
+        async with self.agent_lock(index):
+            return await self.commit_state(index, op)
+
+    async def commit_state(self, index: int, op: Callable[[state.StateView], T]) -> T:
+        """Commit `op` on the agent's state, with its unwritten files first (lock held)."""
+        unwritten = dict(self._unwritten.get(index, {}))
 
         def apply(txn: Txn) -> T:
             self._writable(txn, index)
             view = state.TxnState(self.store, txn, index)
+            for path, entry in unwritten.items():
+                view.set(path, entry)
             result = op(view)
             self.add_storage(txn, index, view.bytes_delta)
             return result
 
+        result = await self.committer.commit(apply)
+        pending = self._unwritten.get(index, {})
+        for path, entry in unwritten.items():
+            if pending.get(path) is entry:
+                del pending[path]
+        if not pending:
+            self._unwritten.pop(index, None)
+        return result
+
+    async def state_empty(self, index: int, tick: RunningTick | None, path: str,
+                          create: bool) -> None:
+        """An empty file at `path`, new (O_CREAT) or truncated (O_TRUNC).
+
+        Outside a tick it is visible at once but committed with the file's first write, or
+        when the file is closed: `echo x > f` then costs one durable commit, not two.
+        """
+        def empty(view: state.StateView) -> None:
+            if create:
+                state.create(view, path)
+            else:
+                state.truncate(view, path, 0)
+
+        if tick is not None:
+            await self.state_op(index, tick, empty)
+            return
         async with self.agent_lock(index):
-            return await self.committer.commit(apply)
+            with self.store.read() as txn:
+                self._writable(txn, index)
+                empty(_UnwrittenView(self, txn, index))
+
+    async def settle(self, index: int, *, locked: bool = False) -> None:
+        """Commit the agent's unwritten files (at close, fsync, and before a tick)."""
+        if not self._unwritten.get(index):
+            return
+        if locked:
+            await self.commit_state(index, lambda view: None)
+            return
+        async with self.agent_lock(index):
+            await self.commit_state(index, lambda view: None)
 
     def state_read(self, index: int, tick: RunningTick | None, path: str) -> state.Entry | None:
         if tick is not None:
             return tick.overlay.get(path)
         with self.store.read() as txn:
-            return state.TxnState(self.store, txn, index).get(path)
+            return _UnwrittenView(self, txn, index).get(path)
 
     def state_list(self, index: int, tick: RunningTick | None,
                    path: str) -> list[tuple[str, state.Entry]]:
         if tick is not None:
             return list(tick.overlay.children(path))
         with self.store.read() as txn:
-            return list(state.TxnState(self.store, txn, index).children(path))
+            return list(_UnwrittenView(self, txn, index).children(path))
 
     async def refused(self, index: int, what: str, error: errors.FsError) -> None:
         """Say in the agent's log what was refused and why (committed on its own)."""
@@ -290,6 +337,31 @@ class Runtime:
                 self.log.append(txn, index, entry)
 
         await self.committer.commit(apply)
+
+
+class _UnwrittenView:
+    """Committed state with the unwritten files over it; `set` records an unwritten file."""
+
+    def __init__(self, runtime: Runtime, txn: Txn, index: int) -> None:
+        self.committed = state.TxnState(runtime.store, txn, index)
+        self.unwritten = runtime._unwritten.get(index, {})
+        self.runtime, self.index = runtime, index
+
+    def get(self, path: str) -> state.Entry | None:
+        entry = self.unwritten.get(path)
+        return entry if entry is not None else self.committed.get(path)
+
+    def children(self, path: str) -> Iterator[tuple[str, state.Entry]]:
+        merged = dict(self.committed.children(path))
+        for changed, entry in self.unwritten.items():
+            parent, name = state.split(changed)
+            if parent == path:
+                merged[name] = entry
+        yield from sorted(merged.items())
+
+    def set(self, path: str, entry: state.Entry | None) -> None:
+        assert entry is not None and not entry.is_dir and not entry.data
+        self.runtime._unwritten.setdefault(self.index, {})[path] = entry
 
 
 async def _nothing(name: str) -> None:

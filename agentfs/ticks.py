@@ -166,6 +166,7 @@ class TickEngine:
                 first = runtime.inbox.first(txn, index)
             if record.status != "active":
                 return None
+            await runtime.settle(index, locked=True)  # files made outside go in before the tick
             if first is None or not record.program:
                 if first is None:
                     await runtime.committer.commit(lambda t: self._settle(t, index))
