@@ -54,6 +54,10 @@ def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
     """Mount in this process and serve until unmounted; returns an exit status."""
     faulthandler.enable()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agentfs[%(process)d] %(message)s")
+    # Absolute paths, then cwd "/": the daemon holds no directory busy, and the programs
+    # it starts begin there.
+    store_path, mountpoint = store_path.resolve(), mountpoint.resolve()
+    os.chdir("/")
     try:
         fuse_opts, ours = fuse_options(store_path, options)
         if "jobs" in ours:
@@ -63,7 +67,7 @@ def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
     except Exception as e:  # noqa: BLE001 - every failure to start is reported the same way
         _report(ready_fd, f"agentfs: {e}")
         return 1
-    runtime = Runtime(store, str(mountpoint.resolve()), jobs)
+    runtime = Runtime(store, str(mountpoint), jobs)
     ops = AgentFs(runtime)
     try:
         pyfuse3.init(ops, str(mountpoint), fuse_opts)

@@ -33,7 +33,10 @@ from .tree import (
     Node,
 )
 
-# Agent directories and their fixed files never move: let the kernel cache them.
+# Directories and files of the fixed tree never move and their attributes do not change
+# (but for journal sizes), so the kernel may cache them.  Access is still checked at every
+# lookup, open and opendir: a cached entry grants nothing.  `state/` entries are not
+# cached: a tick's commit changes them behind the kernel's back.
 STABLE_TIMEOUT = 60.0
 
 
@@ -116,7 +119,7 @@ class AgentFs(pyfuse3.Operations):
         Everyone else sees committed state and cannot enter `.tick/`.
         """
         engine = self.runtime.engine
-        caller = await engine.tick_of_caller(ctx.pid)
+        caller = engine.tick_of_caller(ctx.pid)
         refusal: errors.FsError | None = None
         if node.tick:
             tick = engine.running.get(node.index)
@@ -145,8 +148,7 @@ class AgentFs(pyfuse3.Operations):
         if kind in (Kind.ROOT, Kind.TICKS, Kind.AGENT):
             attrs.st_mode = stat.S_IFDIR | (0o755 if kind is Kind.ROOT else 0o700)
             attrs.st_nlink = 2
-            if kind is Kind.AGENT and not node.tick:
-                attrs.entry_timeout = STABLE_TIMEOUT
+            attrs.entry_timeout = attrs.attr_timeout = STABLE_TIMEOUT
         elif kind is Kind.LINK:
             attrs.st_mode = stat.S_IFLNK | 0o777
             attrs.st_nlink = 1
@@ -160,6 +162,8 @@ class AgentFs(pyfuse3.Operations):
             if entry.is_dir:
                 attrs.st_mode = served.mode
                 attrs.st_nlink = 2
+                if node.path == "":
+                    attrs.entry_timeout = attrs.attr_timeout = STABLE_TIMEOUT
             else:
                 attrs.st_mode = stat.S_IFREG | 0o600
                 attrs.st_nlink = 1
@@ -169,11 +173,11 @@ class AgentFs(pyfuse3.Operations):
             served = SERVED_BY_KIND[kind]
             attrs.st_mode = served.tick_mode if node.tick else served.mode
             attrs.st_nlink = 1
+            attrs.entry_timeout = attrs.attr_timeout = STABLE_TIMEOUT
             if kind in JOURNALS:
                 attrs.st_size = self._journal_size(node, tick)
+                attrs.attr_timeout = 0.0  # they grow
                 mtime = time.time_ns()
-            if node.index >= 0 and not node.tick:
-                attrs.entry_timeout = STABLE_TIMEOUT
         attrs.st_size = max(attrs.st_size, 0)
         attrs.st_blocks = (attrs.st_size + 511) // 512
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime
@@ -423,7 +427,10 @@ class AgentFs(pyfuse3.Operations):
         if kind in JOURNALS:
             return self._read_journal(node, tick, off, size)
         if kind is Kind.ROOT_CTL:
-            return bytes(handle.replies[off:off + size])
+            # The fd's offset has moved past what was written; replies are read in order.
+            reply = bytes(handle.replies[:size])
+            del handle.replies[:size]
+            return reply
         if handle.content is None or off == 0:
             async with self._refusals(node, f"read {kind.value}", log=False):
                 handle.content = self._generate(node)

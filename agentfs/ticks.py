@@ -8,11 +8,8 @@ exit, a signal, the time limit) discards the overlay and leaves the trigger pend
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +19,7 @@ import trio
 from . import budget
 from .inbox import Message, rfc3339_now
 from .overlay import TickOverlay
+from .spawn import spawn
 from .state import TxnState
 from .store import AgentRecord, Txn
 
@@ -72,11 +70,6 @@ def session_of(pid: int) -> int | None:
     return int(fields[3])
 
 
-def kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
 def reply_for(line: bytes, trigger: Message) -> Message:
     """One stdout line as an outgoing reply to the trigger's sender."""
     text = line.decode("utf-8", errors="replace")
@@ -102,26 +95,33 @@ class TickEngine:
         self.mountpoint = mountpoint
         self.running: dict[int, RunningTick] = {}
         self._sessions: dict[int, RunningTick] = {}
-        self._spawning: set[trio.Event] = set()
+        self._callers: dict[int, RunningTick | None] = {}  # pid -> its tick, while ticks run
         self._scheduled: set[int] = set()
         self._limiter = trio.CapacityLimiter(jobs)
         self._nursery: trio.Nursery | None = None
 
     # -- who is asking -------------------------------------------------------
 
-    async def tick_of_caller(self, pid: int) -> RunningTick | None:
+    def tick_of_caller(self, pid: int) -> RunningTick | None:
         """The running tick whose session `pid` belongs to, if any."""
-        if (not self._sessions and not self._spawning) or pid <= 0:
+        if not self._sessions or pid <= 0:
             return None
-        sid = session_of(pid)
-        if sid is None:
-            return None
-        if sid not in self._sessions and self._spawning:
-            # trio starts programs from a worker thread, so a new program can reach the mount
-            # before its tick is registered: let the spawns in flight finish, then look again.
-            for spawned in list(self._spawning):
-                await spawned.wait()
-        return self._sessions.get(sid)
+        try:
+            return self._callers[pid]
+        except KeyError:
+            sid = session_of(pid)
+            tick = None if sid is None else self._sessions.get(sid)
+            self._callers[pid] = tick
+            return tick
+
+    def _register(self, tick: RunningTick, pid: int | None) -> None:
+        """Add (pid) or remove (None) a tick's session; a pid seen before may be reused."""
+        self._callers.clear()
+        if pid is not None:
+            tick.pid = pid
+            self._sessions[pid] = tick
+        elif tick.pid is not None:
+            self._sessions.pop(tick.pid, None)
 
     # -- scheduling ----------------------------------------------------------
 
@@ -179,8 +179,7 @@ class TickEngine:
                 outcome = await self._run_program(tick)
             finally:
                 del self.running[index]
-                if tick.pid is not None:
-                    self._sessions.pop(tick.pid, None)
+                self._register(tick, None)
             if outcome.ok:
                 try:
                     await runtime.committer.commit(lambda t: self._commit(t, tick, outcome))
@@ -209,24 +208,11 @@ class TickEngine:
         started = time.monotonic()
         stdout = _Stdout()
         stderr = bytearray()
-        spawned = trio.Event()
-        self._spawning.add(spawned)
         try:
-            # cwd is outside the mount: a child that walked into the mount before exec
-            # would hold up the spawn until the daemon answered.
-            proc = await trio.lowlevel.open_process(
-                record.program, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True, env=self._environment(tick),
-                cwd="/",
-            )
+            proc = spawn(record.program, self._environment(tick))
         except OSError as e:
             return Outcome(False, f"cannot start program: {e.strerror}: {record.program[0]}")
-        else:
-            tick.pid = proc.pid
-            self._sessions[proc.pid] = tick
-        finally:
-            self._spawning.discard(spawned)
-            spawned.set()
+        self._register(tick, proc.pid)
         trigger_line = json.dumps(tick.trigger, separators=(",", ":")).encode() + b"\n"
         timed_out = False
         try:
@@ -237,15 +223,13 @@ class TickEngine:
                     nursery.start_soon(_collect_tail, proc.stderr, stderr)
                     await proc.wait()
                     # Anything the program left running would outlive the tick.
-                    kill_group(proc.pid)
+                    proc.kill_group()
             timed_out = scope.cancelled_caught
         finally:
             with trio.CancelScope(shield=True):
-                kill_group(proc.pid)
+                proc.kill_group()
                 await proc.wait()
-                for stream in (proc.stdin, proc.stdout, proc.stderr):
-                    if stream is not None:
-                        await stream.aclose()
+                await proc.aclose()
         duration = time.monotonic() - started
         tail = bytes(stderr[-STDERR_TAIL:])
         if timed_out:

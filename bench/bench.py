@@ -1,0 +1,898 @@
+#!/usr/bin/env python3
+"""agentfs benchmark: one markdown table, every agentfs figure beside a baseline from the same run.
+
+Rows (issue 2, section 5):
+  ticks   exec ticks/s with 1 agent and with 100 agents; baselines: the same number of
+          `/bin/sh -c 'echo x > FILE'` spawns done one after another by Python's subprocess,
+          and durable LMDB commits/s (py-lmdb, sync=True, one small put per transaction),
+          on the same disk as the store.
+  wake    wake latency p50/p99: time just before write(2) to an inbox, to the first line
+          of main() of a tiny C program (compiled here with gcc); baseline: the same
+          program started by Python's subprocess (pipes, new session, as the daemon does).
+  state   `state/` create+write+close, stat, open+read+close ops/s by a Python loop of os
+          calls, against the same loop on tmpfs, on bindfs over tmpfs and on bench/minifs.py.
+  agents  time to create 10,000 agents (`new aN`, one line per write(2), one fd), and the
+          daemon's RSS after; baselines: 10,000 durable LMDB commits, and the RSS of the
+          freshly mounted daemon with no agents.
+
+Everything lives in a temporary directory (the store on the disk of $TMPDIR or --dir, tmpfs
+trees under /dev/shm) and everything is unmounted at the end, error or not.
+Not a test: no assertions, just the table (stdout) and progress (stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+# The agentfs under test is this checkout's, whatever is installed in the interpreter.
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+TICK_PROGRAM = "/bin/sh -c 'echo x > \"$AGENT_DIR/state/k\"'"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+ROWS = ("ticks", "wake", "state", "agents")
+
+WAKE_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+/* Writes CLOCK_REALTIME in ns, first thing in main(), to the file or fifo argv[1]. */
+int main(int argc, char **argv) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    char buf[32];
+    int n = snprintf(buf, sizeof buf, "%lld\n", (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
+    if (argc < 2) return 2;
+    int fd = open(argv[1], O_WRONLY);
+    if (fd < 0) return 1;
+    if (write(fd, buf, n) != n) return 1;
+    close(fd);
+    return 0;
+}
+"""
+
+
+def log(*args: object) -> None:
+    print("#", *args, file=sys.stderr, flush=True)
+
+
+# -- sizes ----------------------------------------------------------------------------------
+
+class Sizes:
+    def __init__(self, quick: bool) -> None:
+        self.ticks_one = 30 if quick else 500            # ticks for the 1-agent row
+        self.ticks_agents = 100                          # agents for the many-agent row
+        self.ticks_per_agent = 3 if quick else 20        # ticks each
+        self.lines_per_write = 10                        # inbox lines per write(2)
+        self.tick_timeout = 60.0 if quick else 150.0
+        self.wake_samples = 30 if quick else 200
+        self.state_files = 200 if quick else 2000
+        self.state_stat_passes = 3
+        self.state_read_passes = 2
+        self.state_rounds = 1 if quick else 2            # best of
+        self.agents = 300 if quick else 10_000
+        self.lmdb_commits = 300 if quick else 2000
+        self.derive_sample = 50 if quick else 300
+
+
+# -- processes and mounts ----------------------------------------------------------------
+
+def proc_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] != b"Z"
+
+
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """(own CPU seconds, reaped children's CPU seconds) of `pid`."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0, 0.0
+    fields = stat[stat.rfind(b")") + 2:].split()
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK
+
+
+def proc_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def unmount(mp: Path) -> None:
+    if not os.path.ismount(mp):
+        return
+    for _ in range(10):
+        if subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.2)
+    log(f"{mp}: busy, unmounting lazily")
+    subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+def stop_pid(pid: int, timeout: float = 20.0) -> None:
+    """Wait for a daemon we started to exit after its unmount; insist if it does not."""
+    if wait_for(lambda: not proc_alive(pid), timeout):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        if wait_for(lambda: not proc_alive(pid), 5.0):
+            return
+
+
+class AgentfsMount:
+    """A fresh store, mounted by `python -m agentfs mount` (the daemon forks off)."""
+
+    def __init__(self, base: Path, name: str) -> None:
+        self.store = base / f"{name}.store"
+        self.mp = base / f"{name}.mnt"
+        self.mp.mkdir()
+        self.pid: int | None = None
+        r = subprocess.run([PY, "-m", "agentfs", "init", str(self.store)], env=ENV,
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"agentfs init: {r.stderr.strip()}")
+        r = subprocess.run([PY, "-m", "agentfs", "mount", "--store", str(self.store),
+                            str(self.mp)], env=ENV, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"agentfs mount: {r.stderr.strip()}\n{self.daemon_log()}")
+        self.pid = int((self.store / "daemon.pid").read_text().split()[0])
+
+    def daemon_log(self, lines: int = 20) -> str:
+        try:
+            text = (self.store / "daemon.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def close(self) -> None:
+        unmount(self.mp)
+        if self.pid is not None:
+            stop_pid(self.pid)
+
+    # -- the tree --------------------------------------------------------------
+
+    def new_agents(self, lines: list[str], per_write: int = 1) -> None:
+        fd = os.open(self.mp / "ctl", os.O_RDWR)
+        try:
+            for i in range(0, len(lines), per_write):
+                os.write(fd, "".join(lines[i:i + per_write]).encode())
+        finally:
+            os.close(fd)
+
+    def npub(self, name: str) -> str:
+        return os.readlink(self.mp / name)
+
+    def ctl(self, npub: str) -> dict[str, str]:
+        with open(self.mp / npub / "ctl", "rb") as f:
+            text = f.read().decode()
+        return dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+
+
+class Background:
+    """A foreground FUSE server we run ourselves (minifs, bindfs -f)."""
+
+    def __init__(self, argv: list[str], mp: Path) -> None:
+        self.mp = mp
+        self.proc = subprocess.Popen(argv, env=ENV, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if not wait_for(lambda: os.path.ismount(mp) or self.proc.poll() is not None, 20):
+            pass
+        if not os.path.ismount(mp):
+            self.close()
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            raise RuntimeError(f"{argv[0]}: did not mount {mp}: {err.strip()}")
+
+    def close(self) -> None:
+        unmount(self.mp)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Profiler:
+    """py-spy record of the daemon during one row (--py-spy DIR)."""
+
+    def __init__(self, outdir: Path | None, pid: int, row: str) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.out = outdir / f"{row}.txt" if outdir else None
+        self.row = row
+        if outdir is None:
+            return
+        exe = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+        self.proc = subprocess.Popen([exe, "record", "-p", str(pid), "-r", "200", "-f", "raw",
+                                      "-o", str(self.out), "--nonblocking"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def stop(self) -> list[str]:
+        if self.proc is None or self.out is None:
+            return []
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return summarize_profile(self.out, self.row)
+
+
+def summarize_profile(path: Path, row: str, top: int = 10) -> list[str]:
+    """Top functions by own samples, and agentfs functions by inclusive samples."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return [f"py-spy {row}: no profile written"]
+    for line in lines:
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        own[frames[-1]] += count
+        for frame in set(frames):
+            if "agentfs/" in frame:
+                incl[frame] += count
+    out = [f"py-spy {row}: {total} samples of the daemon's busy threads ({path})"]
+    if total:
+        out += [f"  own  {c * 100 / total:5.1f}%  {f}" for f, c in own.most_common(top)]
+        out += [f"  incl {c * 100 / total:5.1f}%  {f}" for f, c in incl.most_common(top)]
+    return out
+
+
+# -- baselines ----------------------------------------------------------------------------
+
+def lmdb_commits(base: Path, n: int) -> tuple[float, list[float]]:
+    """Durable LMDB commits (sync=True, one small put each): (per second, latencies in ms).
+
+    Measured beside each row that depends on it, as the disk's commit latency drifts with
+    whatever else the machine is doing.
+    """
+    import lmdb
+
+    path = Path(tempfile.mkdtemp(prefix="lmdb-baseline-", dir=base))
+    env = lmdb.open(str(path), map_size=1 << 30, sync=True, metasync=True)
+    try:
+        for i in range(20):
+            with env.begin(write=True) as txn:
+                txn.put(b"warm%d" % i, b"v")
+        each = []
+        t0 = time.perf_counter()
+        for i in range(n):
+            t = time.perf_counter()
+            with env.begin(write=True) as txn:
+                txn.put(b"k%08d" % i, b"value")
+            each.append(time.perf_counter() - t)
+        return n / (time.perf_counter() - t0), [x * 1e3 for x in each]
+    finally:
+        env.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def spawns_per_s(base: Path, n: int) -> float:
+    target = base / "spawn-x"
+    argv = ["/bin/sh", "-c", f"echo x > {target}"]
+    for _ in range(5):
+        subprocess.run(argv, check=True)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        subprocess.run(argv, check=True)
+    return n / (time.perf_counter() - t0)
+
+
+def derive_per_s(n: int) -> float:
+    """NIP-06 derivations per second in this process (agentfs.identity), as `new` needs."""
+    sys.path.insert(0, str(ROOT))
+    from agentfs import identity
+
+    words = identity.generate_mnemonic()
+    identity.public_key(identity.agent_private_key(words, 0))  # the cached seed, as a daemon has
+    t0 = time.perf_counter()
+    for i in range(1, n + 1):
+        identity.npub_encode(identity.public_key(identity.agent_private_key(words, i)))
+    return n / (time.perf_counter() - t0)
+
+
+# -- rows ----------------------------------------------------------------------------------
+
+class TickRun:
+    def __init__(self, ticks: int, seconds: float, complete: bool, daemon_cpu: float,
+                 children_cpu: float) -> None:
+        self.ticks, self.seconds, self.complete = ticks, seconds, complete
+        self.daemon_cpu, self.children_cpu = daemon_cpu, children_cpu
+        self.errors, self.first_error = 0, ""
+
+    @property
+    def rate(self) -> float:
+        return self.ticks / self.seconds if self.seconds else 0.0
+
+
+def wait_ticks(fs: AgentfsMount, npubs: list[str], expected: int, timeout: float,
+               interval: float) -> tuple[int, bool]:
+    """Wait until every agent has `expected` ticks and nothing pending; (ticks done, complete).
+
+    Checks one agent at a time and moves on once it is done; while an agent is behind, sleeps
+    about half its estimated time to finish (at least `interval`), so that waiting costs the
+    daemon few ctl reads (a ctl read is not free: it counts the pending messages).
+    """
+    deadline = time.monotonic() + timeout
+    i = 0
+    first: tuple[float, int] | None = None
+    while i < len(npubs):
+        c = fs.ctl(npubs[i])
+        ticks, now = int(c["ticks"]), time.monotonic()
+        if ticks >= expected and c["pending"] == "0":
+            i += 1
+            first = None
+            continue
+        if c["status"] in ("failed", "terminated"):
+            raise RuntimeError(f"agent {npubs[i]} {c['status']}: {c.get('last')}\n"
+                               f"{fs.daemon_log()}")
+        if now > deadline:
+            done = sum(int(fs.ctl(n)["ticks"]) for n in npubs)
+            return done, False
+        sleep = interval
+        if first is None:
+            first = (now, ticks)
+        elif ticks > first[1]:
+            rate = (ticks - first[1]) / (now - first[0])
+            sleep = max(interval, min(0.5, 0.5 * (expected - ticks) / rate))
+        time.sleep(sleep)
+    return expected * len(npubs), True
+
+
+def tick_errors(fs: AgentfsMount, npubs: list[str]) -> tuple[int, str]:
+    """Failed ticks in the agents' logs, and the first error seen."""
+    count, example = 0, ""
+    for npub in npubs:
+        with open(fs.mp / npub / "log", "rb") as f:
+            for line in f:
+                if b'"result":"error"' in line:
+                    count += 1
+                    if not example:
+                        record = json.loads(line)
+                        example = f"{record.get('error')}: {record.get('stderr', '').strip()}"
+    return count, example
+
+
+def run_ticks(fs: AgentfsMount, tag: str, agents: int, per_agent: int, sizes: Sizes,
+              profile_dir: Path | None) -> tuple[TickRun, list[str]]:
+    names = [f"{tag}{i}" for i in range(agents)]
+    fs.new_agents([f"new {n} {TICK_PROGRAM}\n" for n in names], per_write=100)
+    npubs = [fs.npub(n) for n in names]
+    fds = [os.open(fs.mp / n / "inbox", os.O_WRONLY) for n in npubs]
+    assert fs.pid is not None
+    try:
+        for fd in fds:  # warm-up: one tick each
+            os.write(fd, b"warm-up\n")
+        wait_ticks(fs, npubs, 1, sizes.tick_timeout, 0.01)
+        profiler = Profiler(profile_dir, fs.pid, f"ticks-{agents}")
+        own0, kids0 = proc_cpu(fs.pid)
+        t0 = time.perf_counter()
+        sent = 0
+        while sent < per_agent:
+            k = min(sizes.lines_per_write, per_agent - sent)
+            chunk = b"m\n" * k
+            for fd in fds:
+                os.write(fd, chunk)
+            sent += k
+        done, complete = wait_ticks(fs, npubs, 1 + per_agent, sizes.tick_timeout, 0.01)
+        elapsed = time.perf_counter() - t0
+        own1, kids1 = proc_cpu(fs.pid)
+        notes = profiler.stop()
+        if not complete:
+            done -= agents  # the warm-up ticks
+        run = TickRun(done, elapsed, complete, own1 - own0, kids1 - kids0)
+        run.errors, run.first_error = tick_errors(fs, npubs)
+        return run, notes
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def compile_wake(base: Path) -> Path | None:
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        return None
+    src, exe = base / "wake.c", base / "wake"
+    src.write_text(WAKE_C)
+    r = subprocess.run([gcc, "-O2", "-o", str(exe), str(src)], capture_output=True, text=True)
+    if r.returncode != 0:
+        log(f"gcc failed: {r.stderr.strip()}")
+        return None
+    return exe
+
+
+class FifoReader:
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        # O_RDWR: never EOF between writers, and a writer's open never blocks.
+        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        self.buffer = b""
+
+    def next_ns(self, timeout: float = 10.0) -> int | None:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                return None
+            self.buffer += os.read(self.fd, 4096)
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return int(line)
+
+    def drain(self) -> None:
+        """Forget what earlier writers left (a failed tick's retry writes a second time)."""
+        self.buffer = b""
+        while select.select([self.fd], [], [], 0)[0]:
+            self.buffer += os.read(self.fd, 4096)
+        self.buffer = b""
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def run_wake(fs: AgentfsMount, exe: Path, base: Path, samples: int,
+             profile_dir: Path | None) -> tuple[list[float], list[float], list[str]]:
+    """Latencies (ms) inbox write -> main(), and write(2) durations (ms)."""
+    fifo = FifoReader(base / "wake.fifo")
+    try:
+        fs.new_agents([f"new waker {exe} {base / 'wake.fifo'}\n"])
+        npub = fs.npub("waker")
+        fd = os.open(fs.mp / npub / "inbox", os.O_WRONLY)
+        assert fs.pid is not None
+        profiler: Profiler | None = None
+        latencies: list[float] = []
+        writes: list[float] = []
+        try:
+            warm = 5
+            for i in range(warm + samples):
+                if i == warm:
+                    profiler = Profiler(profile_dir, fs.pid, "wake")
+                fifo.drain()
+                t0 = time.time_ns()
+                os.write(fd, b"w\n")
+                t1 = time.time_ns()
+                started = fifo.next_ns()
+                if started is None:
+                    raise RuntimeError(f"wake: program did not start\n{fs.daemon_log()}")
+                # Sequential: the tick must be committed before the next write.
+                def committed(i: int = i) -> bool:
+                    return fs.ctl(npub)["ticks"] == str(i + 1)
+
+                if not wait_for(committed, 30, 0.0005):
+                    raise RuntimeError(f"wake: tick {i + 1} did not finish")
+                if i >= warm:
+                    latencies.append((started - t0) / 1e6)
+                    writes.append((t1 - t0) / 1e6)
+        finally:
+            os.close(fd)
+        notes = profiler.stop() if profiler else []
+        errors, example = tick_errors(fs, [npub])
+        if errors:
+            notes.append(f"wake: {errors} failed tick(s) (retried), e.g. {example}")
+        return latencies, writes, notes
+    finally:
+        fifo.close()
+
+
+def run_wake_baseline(exe: Path, base: Path, samples: int) -> list[float]:
+    """The same program started by Python's subprocess, as the daemon starts a tick."""
+    path = base / "spawn.fifo"
+    fifo = FifoReader(path)
+    out: list[float] = []
+    try:
+        for i in range(5 + samples):
+            t0 = time.time_ns()
+            p = subprocess.Popen([str(exe), str(path)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 start_new_session=True, cwd="/")
+            p.communicate(b'{"type":"text","data":"w"}\n')
+            started = fifo.next_ns()
+            if started is not None and i >= 5:
+                out.append((started - t0) / 1e6)
+        return out
+    finally:
+        fifo.close()
+
+
+def state_loop(d: Path, sizes: Sizes) -> dict[str, float]:
+    """ops/s of create+write+close, stat, open+read+close, unlink in directory `d`."""
+    names = [os.path.join(d, f"f{i}") for i in range(sizes.state_files)]
+    payload = b"0123456789abcdef" * 4
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    result = {}
+    t0 = time.perf_counter()
+    for p in names:
+        fd = os.open(p, flags, 0o600)
+        os.write(fd, payload)
+        os.close(fd)
+    result["create"] = len(names) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(sizes.state_stat_passes):
+        for p in names:
+            os.stat(p)
+    result["stat"] = len(names) * sizes.state_stat_passes / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(sizes.state_read_passes):
+        for p in names:
+            fd = os.open(p, os.O_RDONLY)
+            os.read(fd, 4096)
+            os.close(fd)
+    result["read"] = len(names) * sizes.state_read_passes / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for p in names:
+        os.unlink(p)
+    result["unlink"] = len(names) / (time.perf_counter() - t0)
+    return result
+
+
+def best_of(d: Path, sizes: Sizes) -> dict[str, float]:
+    runs = [state_loop(d, sizes) for _ in range(sizes.state_rounds)]
+    return {k: max(r[k] for r in runs) for k in runs[0]}
+
+
+def deep(top: Path) -> Path:
+    """TOP/agent/state: the loop runs as deep below the mount as in agentfs's NPUB/state/."""
+    d = top / "agent" / "state"
+    d.mkdir(parents=True)
+    return d
+
+
+def ensure_bindfs() -> str | None:
+    exe = shutil.which("bindfs")
+    if exe is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        log("bindfs missing: apt-get install -y bindfs")
+        subprocess.run(["apt-get", "install", "-y", "bindfs"], stdout=subprocess.DEVNULL)
+        exe = shutil.which("bindfs")
+    return exe
+
+
+# -- the table ------------------------------------------------------------------------------
+
+def fmt_rate(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:,.0f}/s" if x >= 100 else f"{x:,.1f}/s"
+
+
+def fmt_ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f} ms"
+
+
+def machine() -> list[str]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import lmdb
+    import pyfuse3
+    import trio
+
+    versions = (f"pyfuse3 {getattr(pyfuse3, '__version__', '?')}, trio {trio.__version__}, "
+                f"lmdb {lmdb.__version__}")
+    return [
+        f"machine: nproc {os.cpu_count()} ({len(os.sched_getaffinity(0))} usable), {cpu}",
+        f"kernel: {platform.release()}; python {platform.python_version()} ({PY}); {versions}",
+    ]
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def fs_of(path: Path) -> str:
+    best, kind = "", "?"
+    path_s = str(path.resolve())
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            mnt = parts[1].replace("\\040", " ")
+            if (path_s == mnt or path_s.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                best, kind = mnt, f"{parts[2]} {parts[0]}"
+    return kind
+
+
+@contextmanager
+def cleanup() -> Iterator[list[Callable[[], None]]]:
+    actions: list[Callable[[], None]] = []
+    try:
+        yield actions
+    finally:
+        for action in reversed(actions):
+            try:
+                action()
+            except Exception as e:  # noqa: BLE001 - keep cleaning up
+                log(f"cleanup: {e}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--only", default=",".join(ROWS),
+                    help=f"comma-separated rows to run: {', '.join(ROWS)}")
+    ap.add_argument("--dir", help="where the store and mount points go (default: $TMPDIR)")
+    ap.add_argument("--py-spy", metavar="DIR",
+                    help="record the daemon with py-spy during each agentfs row into DIR")
+    args = ap.parse_args()
+    only = {r.strip() for r in args.only.split(",") if r.strip()}
+    if only - set(ROWS):
+        ap.error(f"unknown row(s): {', '.join(sorted(only - set(ROWS)))}")
+    sizes = Sizes(args.quick)
+    profile_dir = Path(args.py_spy).resolve() if args.py_spy else None
+    if profile_dir:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+
+    rows: list[tuple[str, str, str, str, str]] = []
+    notes: list[str] = []
+    header = machine()
+    load_before = loadavg()
+    started = time.perf_counter()
+
+    with cleanup() as undo:
+        base = Path(tempfile.mkdtemp(prefix="agentfs-bench-", dir=args.dir))
+        shm = Path(tempfile.mkdtemp(prefix="agentfs-bench-", dir="/dev/shm"))
+
+        def remove_dirs() -> None:
+            for d in (base, shm):
+                mounted = [m for m in d.iterdir() if os.path.ismount(m)] if d.exists() else []
+                if mounted:
+                    log(f"not removing {d}: still mounted: {mounted}")
+                else:
+                    shutil.rmtree(d, ignore_errors=True)
+
+        undo.append(remove_dirs)
+        header.append(f"store and baselines on: {fs_of(base)} ({base}); tmpfs: {shm}")
+        for line in header:
+            log(line)
+
+
+        if "ticks" in only:
+            fs = AgentfsMount(base, "ticks")
+            undo.append(fs.close)
+            for agents, per_agent, tag in ((1, sizes.ticks_one, "one"),
+                                           (sizes.ticks_agents, sizes.ticks_per_agent, "many")):
+                total = agents * per_agent
+                log(f"ticks: {agents} agent(s) x {per_agent}")
+                log("baseline: durable LMDB commits")
+                commit_rate, _ = lmdb_commits(base, sizes.lmdb_commits)
+                run, prof = run_ticks(fs, tag, agents, per_agent, sizes, profile_dir)
+                notes += prof
+                log(f"baseline: {total} sequential /bin/sh spawns")
+                spawn = spawns_per_s(base, total)
+                label = f"exec ticks/s, {agents} agent{'s' if agents > 1 else ''} ({total} ticks)"
+                value = fmt_rate(run.rate) + ("" if run.complete else
+                                              f" (timeout: {run.ticks} in {run.seconds:.0f} s)")
+                baseline = (f"sh spawns (sequential) {fmt_rate(spawn)}; "
+                            f"LMDB durable commits {fmt_rate(commit_rate)}")
+                target = "≥ 400/s" if agents > 1 else "spawn/commit-bound"
+                meets = ("yes" if run.rate >= 400 else "no") if agents > 1 else "-"
+                rows.append((label, value, baseline, f"{run.rate / spawn:.2f}× spawn",
+                             f"{target} ({meets})"))
+                if run.ticks:
+                    notes.append(
+                        f"ticks, {agents} agent(s): daemon CPU "
+                        f"{run.daemon_cpu * 1e3 / run.ticks:.2f} ms/tick (own), "
+                        f"{run.children_cpu * 1e3 / run.ticks:.2f} ms/tick "
+                        f"(programs); {run.seconds:.2f} s wall; failed ticks (retried): "
+                        f"{run.errors}" + (f", e.g. {run.first_error}" if run.errors else ""))
+            fs.close()
+
+        if "wake" in only:
+            exe = compile_wake(base)
+            if exe is None:
+                rows.append(("wake latency", "n/a (no gcc)", "", "", "p50 < 2 ms, p99 < 10 ms"))
+            else:
+                fs = AgentfsMount(base, "wake")
+                undo.append(fs.close)
+                log(f"wake: {sizes.wake_samples} samples")
+                lat, writes, prof = run_wake(fs, exe, base, sizes.wake_samples, profile_dir)
+                notes += prof
+                fs.close()
+                log("baseline: the same program from subprocess.Popen")
+                spawn_ms = run_wake_baseline(exe, base, sizes.wake_samples)
+                _, commits = lmdb_commits(base, max(200, sizes.wake_samples))
+                for p, target, limit in ((50, "< 2 ms", 2.0), (99, "< 10 ms", 10.0)):
+                    ours = percentile(lat, p)
+                    popen, commit = percentile(spawn_ms, p), percentile(commits, p)
+                    rows.append((f"wake latency p{p} (inbox write(2) → main())", fmt_ms(ours),
+                                 f"Python Popen → main() {fmt_ms(popen)} + one durable LMDB "
+                                 f"commit {fmt_ms(commit)}",
+                                 f"{ours / (popen + commit):.1f}×",
+                                 f"{target} ({'yes' if ours < limit else 'no'})"))
+                notes.append(
+                    f"wake: inbox write(2) itself p50 {percentile(writes, 50):.2f} ms, "
+                    f"p99 {percentile(writes, 99):.2f} ms; write return → main() p50 "
+                    f"{percentile([a - b for a, b in zip(lat, writes, strict=True)], 50):.2f} ms; "
+                    f"max {max(lat):.2f} ms, mean {statistics.mean(lat):.2f} ms "
+                    f"({len(lat)} samples)")
+
+        if "state" in only:
+            results: dict[str, dict[str, float] | None] = {}
+            log("state: tmpfs")
+            results["tmpfs"] = best_of(deep(shm / "plain"), sizes)
+
+            bindfs = ensure_bindfs()
+            if bindfs is None:
+                results["bindfs"] = None
+                notes.append("bindfs: not installed, column empty")
+            else:
+                log("state: bindfs")
+                src, mp = shm / "bind-src", base / "bind.mnt"
+                src.mkdir()
+                mp.mkdir()
+                # Like for like with agentfs: no kernel caching of names and attributes,
+                # direct_io; bindfs is a C (libfuse3 high-level) file system.
+                b = Background([bindfs, "-f", "-o",
+                                "direct_io,entry_timeout=0,attr_timeout=0,negative_timeout=0",
+                                str(src), str(mp)], mp)
+                undo.append(b.close)
+                results["bindfs"] = best_of(deep(mp), sizes)
+                b.close()
+
+            log("state: bench/minifs.py")
+            mp = base / "minifs.mnt"
+            mp.mkdir()
+            m = Background([PY, str(ROOT / "bench" / "minifs.py"), str(mp)], mp)
+            undo.append(m.close)
+            results["minifs"] = best_of(deep(mp), sizes)
+            flat = best_of(mp, sizes)  # the same loop in the mount's root, for reference
+            m.close()
+            notes.append("minifs with the loop in its root directory instead of two levels "
+                         "down (fewer LOOKUP/GETATTR per path): " + "; ".join(
+                             f"{k} {fmt_rate(flat[k])}" for k in ("create", "stat", "read")))
+
+            log("state: agentfs state/")
+            fs = AgentfsMount(base, "state")
+            undo.append(fs.close)
+            fs.new_agents(["new st\n"])
+            state_dir = fs.mp / fs.npub("st") / "state"
+            assert fs.pid is not None
+            profiler = Profiler(profile_dir, fs.pid, "state")
+            own0, _ = proc_cpu(fs.pid)
+            results["agentfs"] = best_of(state_dir, sizes)
+            own1, _ = proc_cpu(fs.pid)
+            notes += profiler.stop()
+            fs.close()
+
+            mine = results["agentfs"]
+            assert mine is not None
+            labels = {"create": "create+write+close", "stat": "stat",
+                      "read": "open+read+close"}
+            for op, label in labels.items():
+                base_cells, ratios = [], []
+                for other in ("minifs", "bindfs", "tmpfs"):
+                    theirs = results.get(other)
+                    base_cells.append(f"{other} {fmt_rate(theirs[op]) if theirs else 'n/a'}")
+                    if theirs and other != "tmpfs":
+                        ratios.append(f"{mine[op] / theirs[op]:.2f} of {other}")
+                mini, bind = results["minifs"], results["bindfs"]
+                ok = (mini is not None and mine[op] * 1.5 >= mini[op]) and \
+                     (bind is None or mine[op] * 2 >= bind[op])
+                rows.append((f"state/ {label} ops/s", fmt_rate(mine[op]), "; ".join(base_cells),
+                             ", ".join(ratios),
+                             f"≥ 0.67 of minifs, ≥ 0.50 of bindfs ({'yes' if ok else 'no'})"))
+            notes.append("state/ unlink ops/s: " + "; ".join(
+                f"{k} {fmt_rate(v['unlink'])}" for k, v in results.items() if v))
+            total_ops = sizes.state_rounds * sizes.state_files * (
+                2 + sizes.state_stat_passes + sizes.state_read_passes)
+            notes.append(f"state/: daemon CPU {(own1 - own0) * 1e6 / total_ops:.0f} µs per op "
+                         f"(all ops averaged; {sizes.state_files} files of 64 bytes, best of "
+                         f"{sizes.state_rounds})")
+
+        if "agents" in only:
+            n = sizes.agents
+            fs = AgentfsMount(base, "agents")
+            undo.append(fs.close)
+            assert fs.pid is not None
+            time.sleep(0.5)
+            rss0 = proc_rss_mb(fs.pid)
+            log(f"agents: creating {n}")
+            profiler = Profiler(profile_dir, fs.pid, "agents")
+            own0, _ = proc_cpu(fs.pid)
+            t0 = time.perf_counter()
+            fs.new_agents([f"new a{i}\n" for i in range(n)], per_write=1)
+            elapsed = time.perf_counter() - t0
+            own1, _ = proc_cpu(fs.pid)
+            notes += profiler.stop()
+            rss1 = proc_rss_mb(fs.pid)
+            t0 = time.perf_counter()
+            listed = len(os.listdir(fs.mp))
+            ls_s = time.perf_counter() - t0
+            rss2 = proc_rss_mb(fs.pid)
+            fs.close()
+            log("baseline: NIP-06 derivations in-process")
+            derive = derive_per_s(sizes.derive_sample)
+            log("baseline: durable LMDB commits")
+            commit_rate, _ = lmdb_commits(base, sizes.lmdb_commits)
+            bound = n / commit_rate
+            rows.append((f"time to create {n:,} agents (1 line per write)", f"{elapsed:.1f} s",
+                         f"{n:,} LMDB durable commits {bound:.1f} s; + {n:,} NIP-06 derivations "
+                         f"{n / derive:.1f} s", f"{elapsed / (bound + n / derive):.1f}×",
+                         f"< 30 s ({'yes' if elapsed < 30 else 'no'})"))
+            rows.append((f"daemon RSS with {n:,} agents", f"{rss1:.0f} MB",
+                         f"same daemon with no agents {rss0:.0f} MB",
+                         f"+{rss1 - rss0:.0f} MB", f"< 150 MB ({'yes' if rss1 < 150 else 'no'})"))
+            notes.append(f"agents: daemon CPU {(own1 - own0) * 1e3 / n:.2f} ms per `new`; "
+                         f"then listing the root ({listed} entries) took {ls_s:.2f} s and "
+                         f"left RSS at {rss2:.0f} MB")
+
+    header.append(f"load average before: {load_before}; after: {loadavg()} "
+                  "(other work on the machine skews every row)")
+    print("\n".join(header))
+    print(f"total bench time: {time.perf_counter() - started:.0f} s"
+          f"{' (--quick)' if args.quick else ''}")
+    print()
+    print("| measure | agentfs | baseline (same run) | agentfs vs baseline | target (met?) |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if notes:
+        print()
+        for note in notes:
+            print(f"- {note}" if not note.startswith("  ") else f"  {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
