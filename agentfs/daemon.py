@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import logging
 import os
@@ -18,6 +19,7 @@ from .runtime import Runtime
 from .store import AgentStore
 
 log = logging.getLogger("agentfs")
+PR_SET_CHILD_SUBREAPER = 36
 
 # Options mount(8) and fstab pass that mean nothing to a FUSE file system.
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail"}
@@ -58,6 +60,7 @@ def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
     # it starts begin there.
     store_path, mountpoint = store_path.resolve(), mountpoint.resolve()
     os.chdir("/")
+    become_subreaper()
     try:
         fuse_opts, ours = fuse_options(store_path, options)
         if "jobs" in ours:
@@ -106,6 +109,13 @@ async def _terminate_on_signals() -> None:
             return
 
 
+def become_subreaper() -> None:
+    """Processes a tick leaves behind become ours, not init's, so they stay recognisable."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_CHILD_SUBREAPER): %s", os.strerror(ctypes.get_errno()))
+
+
 def _report(ready_fd: int | None, error: str | None) -> None:
     """Tell the parent that waits for us whether the mount is live."""
     if error is not None:
@@ -123,7 +133,8 @@ def spawn(store_path: Path, mountpoint: Path, options: list[str], jobs: int) -> 
     if options:
         args += ["-o", ",".join(options)]
     args.append(str(mountpoint))
-    with open(store_path / "daemon.log", "ab") as logfile:
+    log_fd = os.open(store_path / "daemon.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(log_fd, "ab") as logfile:
         # Not waited for: the daemon outlives this command, in a session of its own.
         subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
                          pass_fds=(write_end,), start_new_session=True)

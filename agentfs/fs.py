@@ -119,7 +119,10 @@ class AgentFs(pyfuse3.Operations):
         Everyone else sees committed state and cannot enter `.tick/`.
         """
         engine = self.runtime.engine
-        caller = engine.tick_of_caller(ctx.pid)
+        try:
+            caller = engine.tick_of_caller(ctx.pid)
+        except errors.FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
         refusal: errors.FsError | None = None
         if node.tick:
             tick = engine.running.get(node.index)

@@ -8,15 +8,16 @@ exit, a signal, the time limit) discards the overlay and leaves the trigger pend
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import trio
 
-from . import budget
+from . import budget, errors
 from .inbox import Message, rfc3339_now
 from .overlay import TickOverlay
 from .spawn import spawn
@@ -50,6 +51,10 @@ class RunningTick:
         return self.record.index
 
 
+# What `_attribute` finds for a process orphaned by a tick: a marker, never a real tick.
+ORPHAN = cast(RunningTick, object())
+
+
 @dataclass
 class Outcome:
     ok: bool
@@ -59,15 +64,20 @@ class Outcome:
     duration: float = 0.0
 
 
-def session_of(pid: int) -> int | None:
-    """The session id of `pid` (a tick's processes share the session its program leads)."""
+class ProcStat(NamedTuple):
+    ppid: int
+    sid: int
+    start: int  # clock ticks after boot: with the pid, names one process for good
+
+
+def proc_stat(pid: int) -> ProcStat | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
     fields = stat[stat.rfind(b")") + 2:].split()
-    return int(fields[3])
+    return ProcStat(int(fields[1]), int(fields[3]), int(fields[19]))
 
 
 def reply_for(line: bytes, trigger: Message) -> Message:
@@ -95,7 +105,9 @@ class TickEngine:
         self.mountpoint = mountpoint
         self.running: dict[int, RunningTick] = {}
         self._sessions: dict[int, RunningTick] = {}
-        self._callers: dict[int, RunningTick | None] = {}  # pid -> its tick, while ticks run
+        self._callers: dict[int, tuple[int, RunningTick | None]] = {}  # pid -> (start, tick)
+        self._ever_ticked = False
+        self._daemon_pid = os.getpid()
         self._scheduled: set[int] = set()
         self._limiter = trio.CapacityLimiter(jobs)
         self._nursery: trio.Nursery | None = None
@@ -103,25 +115,67 @@ class TickEngine:
     # -- who is asking -------------------------------------------------------
 
     def tick_of_caller(self, pid: int) -> RunningTick | None:
-        """The running tick whose session `pid` belongs to, if any."""
-        if not self._sessions or pid <= 0:
+        """The running tick that process `pid` belongs to, or None for an outsider.
+
+        A tick's processes are its program and everything it starts: the program leads a
+        session of its own, and a descendant that leaves it with setsid(2) still has the
+        program among its ancestors.  One that double-forks away is orphaned to the daemon
+        (a child subreaper) and is refused everything.
+        """
+        if not self._ever_ticked or pid <= 0:
             return None
-        try:
-            return self._callers[pid]
-        except KeyError:
-            sid = session_of(pid)
-            tick = None if sid is None else self._sessions.get(sid)
-            self._callers[pid] = tick
-            return tick
+        stat = proc_stat(pid)
+        if stat is None:
+            return None
+        cached = self._callers.get(pid)
+        if cached is not None and cached[0] == stat.start:
+            tick = cached[1]
+        else:
+            tick = self._attribute(pid, stat)
+            self._callers[pid] = (stat.start, tick)
+        if tick is ORPHAN:
+            raise errors.denied("a process left behind by a tick may not use the mount")
+        return tick
+
+    def _attribute(self, pid: int, stat: ProcStat) -> RunningTick | None:
+        for _depth in range(64):
+            tick = self._sessions.get(stat.sid) or self._sessions.get(pid)
+            if tick is not None:
+                return tick
+            if stat.ppid == self._daemon_pid:
+                return ORPHAN
+            if stat.ppid <= 1:
+                return None
+            pid = stat.ppid
+            parent = proc_stat(pid)
+            if parent is None:
+                return None
+            stat = parent
+        return None
 
     def _register(self, tick: RunningTick, pid: int | None) -> None:
-        """Add (pid) or remove (None) a tick's session; a pid seen before may be reused."""
+        """Add (pid) or remove (None) a tick's session: who is whose changes."""
         self._callers.clear()
         if pid is not None:
             tick.pid = pid
             self._sessions[pid] = tick
+            self._ever_ticked = True
         elif tick.pid is not None:
             self._sessions.pop(tick.pid, None)
+            self._reap_orphans()
+
+    def _reap_orphans(self) -> None:
+        """Collect the exit status of processes that ticks left behind (we are their reaper)."""
+        programs = {t.pid for t in self._sessions.values()}
+        while True:
+            try:
+                child = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if child is None or child.si_pid in programs or child.si_pid == 0:
+                return  # a running tick's program is waited for by its own task
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child.si_pid, 0)
 
     # -- scheduling ----------------------------------------------------------
 

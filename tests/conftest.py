@@ -1,0 +1,261 @@
+"""Fixtures for tests that mount a real store: init, mount, always unmount, check the daemon log.
+
+Level of these tests (s3ql's t4): `agentfs init` and `agentfs mount` run as subprocesses, the
+mount is driven with shell tools and plain `os` calls, and every mount is unmounted with
+`fusermount3 -u -z` whatever happened in the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import pytest
+
+AGENTFS = [sys.executable, "-m", "agentfs"]
+T = TypeVar("T")
+
+# Each store's daemon.log, and how far the checklogs guard has read it.
+_LOGS_CHECKED: dict[Path, int] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "traceback_expected: the daemon may log a Traceback in this test")
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+
+def sh(command: str, check: bool = True, timeout: float = 60,
+       **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run a bash command line; with `check`, fail the test showing its stderr.
+
+    bash, not dash: dash reports every failed write as "I/O error", hiding the errno.
+    """
+    done = subprocess.run(command, shell=True, executable="/bin/bash", capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+    if check and done.returncode != 0:
+        raise AssertionError(f"`{command}` exited {done.returncode}: {done.stderr.strip()}")
+    return done
+
+
+def wait_until(predicate: Callable[[], T | Literal[False] | None], timeout: float = 15.0,
+               what: str = "") -> T:
+    """Poll `predicate` every few ms until it returns something true; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(0.005)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie counts as gone: it runs nothing and holds nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return False
+    return raw[raw.rfind(b")") + 2:][:1] != b"Z"
+
+
+def write_once(path: Path | str, data: bytes | str, flags: int = os.O_WRONLY) -> int:
+    """open, one write(2), close: returns what write returned; errors raise OSError."""
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(path, flags)
+    try:
+        return os.write(fd, raw)
+    finally:
+        os.close(fd)
+
+
+def errno_of(call: Callable[[], object]) -> int:
+    """The errno `call` fails with (the test fails if it succeeds)."""
+    try:
+        call()
+    except OSError as e:
+        assert e.errno is not None
+        return e.errno
+    raise AssertionError(f"{call} succeeded; an error was expected")
+
+
+def new_agent(mp: Path, name: str, *program: str) -> str:
+    """`new NAME PROGRAM...` written to MP/ctl; the npub read back through the same fd."""
+    line = shlex.join(["new", name, *program]) + "\n"
+    fd = os.open(mp / "ctl", os.O_RDWR)
+    try:
+        assert os.write(fd, line.encode()) == len(line.encode())
+        reply = b""
+        while chunk := os.read(fd, 4096):
+            reply += chunk
+    finally:
+        os.close(fd)
+    npub = reply.decode().strip()
+    assert npub.startswith("npub1") and "\n" not in npub, reply
+    return npub
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def ctl_status(agent_dir: Path) -> dict[str, str]:
+    status = {}
+    for line in (agent_dir / "ctl").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        status[key] = value
+    return status
+
+
+# -- stores and mounts -------------------------------------------------------------------------
+
+
+@dataclass
+class Store:
+    path: Path
+    mnemonic: str
+
+
+def init_store(path: Path) -> Store:
+    done = subprocess.run([*AGENTFS, "init", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    _LOGS_CHECKED[path / "daemon.log"] = 0
+    return Store(path, done.stdout.strip())
+
+
+@dataclass
+class Mount:
+    """A live mount of `store` on `mp`, served by the daemon `pid`."""
+
+    store: Store
+    mp: Path
+    pid: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+    def start(self) -> Mount:
+        _LOGS_CHECKED.setdefault(self.store.path / "daemon.log", 0)
+        done = subprocess.run([*AGENTFS, "mount", "--store", str(self.store.path),
+                               *self.extra_args, str(self.mp)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"mount failed: {done.stderr}"
+        assert os.path.ismount(self.mp)
+        self.pid = int((self.store.path / "daemon.pid").read_text())
+        assert pid_alive(self.pid)
+        return self
+
+    def stop(self) -> None:
+        """Unmount (lazily, so it works even with a dead daemon) and see the daemon gone."""
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mp)], capture_output=True,
+                       timeout=30)
+        if self.pid:
+            deadline = time.monotonic() + 5
+            while pid_alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if pid_alive(self.pid):
+                os.kill(self.pid, signal.SIGKILL)
+                wait_until(lambda: not pid_alive(self.pid), 10, "the daemon to die")
+            self.pid = 0
+
+    def restart(self) -> Mount:
+        self.stop()
+        return self.start()
+
+    def kill(self) -> None:
+        """kill -9 the daemon, as a crash would; the mount is left dead until stop()."""
+        os.kill(self.pid, signal.SIGKILL)
+        wait_until(lambda: not pid_alive(self.pid), 10, "the killed daemon to go")
+
+    def agent(self, name: str) -> Path:
+        return self.mp / name
+
+    def new_agent(self, name: str, *program: str) -> str:
+        return new_agent(self.mp, name, *program)
+
+    def status(self, name: str) -> dict[str, str]:
+        return ctl_status(self.mp / name)
+
+    def log(self, name: str) -> list[dict[str, Any]]:
+        return json_lines(self.mp / name / "log")
+
+    def outbox(self, name: str) -> list[dict[str, Any]]:
+        return json_lines(self.mp / name / "outbox")
+
+    def inbox(self, name: str) -> list[dict[str, Any]]:
+        return json_lines(self.mp / name / "inbox")
+
+    def wait_ticks(self, name: str, ticks: int, timeout: float = 15.0) -> dict[str, str]:
+        """Wait until agent `name` has committed `ticks` ticks; returns its ctl status."""
+        return wait_until(lambda: (s := self.status(name))["ticks"] == str(ticks) and s,
+                          timeout, f"{name} to reach {ticks} ticks")
+
+
+MountFactory = Callable[..., Mount]
+
+
+@pytest.fixture
+def make_mount(tmp_path: Path) -> Iterator[MountFactory]:
+    """make_mount(label, store=None, args=()): a new (or the given) store, mounted."""
+    with ExitStack() as stack:
+
+        def make(label: str = "m", store: Store | None = None,
+                 args: tuple[str, ...] = ()) -> Mount:
+            store = store or init_store(tmp_path / f"{label}-store")
+            mp = tmp_path / f"{label}-mnt"
+            mp.mkdir()
+            mount = Mount(store, mp, extra_args=list(args))
+            stack.callback(mount.stop)
+            return mount.start()
+
+        yield make
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return init_store(tmp_path / "store")
+
+
+@pytest.fixture
+def mount(store: Store, tmp_path: Path) -> Iterator[Mount]:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    m = Mount(store, mp)
+    try:
+        yield m.start()
+    finally:
+        m.stop()
+
+
+@pytest.fixture(autouse=True)
+def checklogs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test whose daemons logged a Traceback, unless it says one is expected."""
+    yield
+    expected = request.node.get_closest_marker("traceback_expected") is not None
+    for log, offset in list(_LOGS_CHECKED.items()):
+        try:
+            with open(log, "rb") as f:
+                f.seek(offset)
+                new = f.read()
+        except FileNotFoundError:
+            if not log.parent.exists():
+                del _LOGS_CHECKED[log]
+            continue
+        _LOGS_CHECKED[log] = offset + len(new)
+        if b"Traceback" in new and not expected:
+            text = new.decode(errors="replace")
+            pytest.fail(f"{log} has a Traceback:\n{text[-4000:]}", pytrace=False)
+

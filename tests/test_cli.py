@@ -1,0 +1,234 @@
+"""The `agentfs` command (agentfs(1)): init, recovery, id, mount and its helper form, shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    AGENTFS,
+    Mount,
+    MountFactory,
+    Store,
+    pid_alive,
+    sh,
+    wait_until,
+)
+from mnemonic import Mnemonic
+
+from agentfs.identity import npub_decode
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "agentfs"
+
+
+def agentfs(*args: str, stdin: str | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AGENTFS, *args], input=stdin, capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+# -- init --------------------------------------------------------------------------------------
+
+
+def test_init_prints_the_mnemonic_once_and_refuses_an_existing_store(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    done = agentfs("init", str(path))
+    assert done.returncode == 0
+    words = done.stdout.split()
+    assert len(words) == 24 and done.stdout == " ".join(words) + "\n"
+    assert Mnemonic("english").check(" ".join(words))
+    assert len(done.stderr.splitlines()) == 1 and "Write down" in done.stderr
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    data = (path / "data.mdb").read_bytes()
+    mnemonic_file = tmp_path / "words"
+    mnemonic_file.write_text(done.stdout)
+    for args in [["init", str(path)], ["init", "--mnemonic-file", str(mnemonic_file), str(path)]]:
+        again = agentfs(*args)
+        assert again.returncode == 1 and again.stdout == ""
+        assert again.stderr == f"agentfs: {path}: a store already exists\n"
+    assert (path / "data.mdb").read_bytes() == data
+    # Two stores never share a mnemonic.
+    assert agentfs("init", str(tmp_path / "other")).stdout != done.stdout
+
+
+def test_init_default_store_locations(tmp_path: Path) -> None:
+    base = {k: v for k, v in os.environ.items() if k not in ("AGENTFS_STORE", "XDG_DATA_HOME")}
+    cases = [
+        ({"AGENTFS_STORE": str(tmp_path / "env-store"), "XDG_DATA_HOME": str(tmp_path / "x")},
+         tmp_path / "env-store"),
+        ({"XDG_DATA_HOME": str(tmp_path / "xdg")}, tmp_path / "xdg" / "agentfs"),
+        ({"HOME": str(tmp_path / "home")}, tmp_path / "home" / ".local/share/agentfs"),
+    ]
+    for extra, where in cases:
+        done = agentfs("init", env={**base, **extra})
+        assert done.returncode == 0, done.stderr
+        assert (where / "data.mdb").exists(), where
+
+
+def test_init_refuses_a_bad_mnemonic(tmp_path: Path) -> None:
+    words = Mnemonic("english").generate(256).split()
+    bad_file = tmp_path / "bad"
+    for bad in [words[:23], [*words[:23], "notaword"], [*words[:23], words[0]]]:
+        bad_file.write_text(" ".join(bad))
+        done = agentfs("init", "--mnemonic-file", str(bad_file), str(tmp_path / "s"))
+        assert done.returncode == 1 and done.stderr.startswith("agentfs: "), bad
+        assert not (tmp_path / "s" / "data.mdb").exists()
+
+
+def test_recovery_gives_the_same_npubs_in_the_same_order(make_mount: MountFactory,
+                                                         tmp_path: Path) -> None:
+    first = make_mount("a")
+    npubs = [first.new_agent(name) for name in ("x", "y", "z")]
+    words = tmp_path / "words"
+    # Recovery takes the words however they were written down.
+    words.write_text("\n".join(first.store.mnemonic.upper().split()) + "\n")
+    recovered = tmp_path / "b-store"
+    done = agentfs("init", "--mnemonic-file", str(words), str(recovered))
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    second = make_mount("b", Store(recovered, first.store.mnemonic))
+    assert [second.new_agent(name) for name in ("p", "q", "r")] == npubs
+    from_stdin = tmp_path / "c-store"
+    done = agentfs("init", "--mnemonic-file", "-", str(from_stdin), stdin=first.store.mnemonic)
+    assert done.returncode == 0, done.stderr
+    third = make_mount("c", Store(from_stdin, first.store.mnemonic))
+    fd = os.open(third.mp / "ctl", os.O_RDWR)
+    try:
+        os.write(fd, b"new one\nnew two\nnew three\n")
+        assert os.read(fd, 4096).decode().split() == npubs
+    finally:
+        os.close(fd)
+
+
+# -- id ----------------------------------------------------------------------------------------
+
+
+def test_id_matches_the_agents_in_the_tree(mount: Mount, tmp_path: Path) -> None:
+    npubs = [mount.new_agent(name) for name in ("x", "y", "z")]
+    words = tmp_path / "words"
+    words.write_text(mount.store.mnemonic + "\n")
+    for n, npub in enumerate(npubs):
+        done = agentfs("id", "--mnemonic-file", str(words), "--agent", str(n))
+        assert done.returncode == 0
+        assert done.stdout == f"{npub} {npub_decode(npub).hex()}\n"
+    assert os.readlink(mount.mp / "y") == npubs[1]
+    user = agentfs("id", "--mnemonic-file", "-", "--user", stdin=mount.store.mnemonic)
+    assert user.returncode == 0
+    npub, hexkey = user.stdout.split()
+    assert npub.startswith("npub1") and npub not in npubs and len(hexkey) == 64
+    for args in [["id", "--mnemonic-file", str(words)],
+                 ["id", "--mnemonic-file", str(words), "--user", "--agent", "0"]]:
+        assert agentfs(*args).returncode == 2
+
+
+# -- mount -------------------------------------------------------------------------------------
+
+
+def test_a_second_mount_of_the_same_store_is_refused(mount: Mount, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    done = agentfs("mount", "--store", str(mount.store.path), str(other))
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"agentfs: {mount.store.path} is in use by pid {mount.pid}"
+    assert not os.path.ismount(other)
+    assert pid_alive(mount.pid)
+    mount.new_agent("still-served")
+    assert int((mount.store.path / "daemon.pid").read_text()) == mount.pid
+
+
+def test_mount_errors(store: Store, tmp_path: Path) -> None:
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    cases = [
+        (["--store", str(tmp_path / "nothing"), str(mp)], "no store here"),
+        (["--store", str(store.path), str(tmp_path / "missing")], "not a directory"),
+        (["--store", str(store.path), "-o", "bogus", str(mp)], "unknown mount option"),
+    ]
+    for args, message in cases:
+        done = agentfs("mount", *args)
+        assert done.returncode == 1 and message in done.stderr, args
+        assert not os.path.ismount(mp)
+
+
+@pytest.fixture(scope="session")
+def agentfs_on_path() -> Iterator[Path]:
+    """/usr/local/bin/agentfs, as mkfs.sh installs it, for mount(8) to find."""
+    link = Path("/usr/local/bin/agentfs")
+    assert CONSOLE_SCRIPT.exists(), CONSOLE_SCRIPT
+    if link.exists() and (not link.is_symlink() or link.resolve() == CONSOLE_SCRIPT.resolve()):
+        yield link  # installed already (by mkfs.sh, or by hand): use it as it is
+        return
+    # Absent, or a link to another (perhaps deleted) venv: point it at ours for the session.
+    original = os.readlink(link) if link.is_symlink() else None
+    staged = link.with_name(f".agentfs-test-{os.getpid()}")
+    staged.symlink_to(CONSOLE_SCRIPT)
+    os.replace(staged, link)
+    try:
+        yield link
+    finally:
+        if original is None:
+            link.unlink()
+        else:
+            staged.symlink_to(original)
+            os.replace(staged, link)
+
+
+def test_mount_t_fuse_agentfs_and_fstab(agentfs_on_path: Path, store: Store,
+                                        tmp_path: Path) -> None:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"{store.path} {mp} fuse.agentfs defaults 0 0\n")
+    served = Mount(store, mp)
+    try:
+        for command in [f"mount -t fuse.agentfs {store.path} {mp}", f"mount -T {fstab} {mp}"]:
+            sh(command)
+            assert os.path.ismount(mp)
+            [line] = [m for m in Path("/proc/mounts").read_text().splitlines()
+                      if m.split()[1] == str(mp)]
+            assert line.split()[:3] == [str(store.path), str(mp), "fuse.agentfs"]
+            served.pid = int((store.path / "daemon.pid").read_text())
+            sh(f"echo 'new via-{len(os.listdir(mp))}' > {mp}/ctl && ls {mp}/via-*/state")
+            sh(f"umount {mp}")
+            wait_until(lambda: not pid_alive(served.pid), 10, "the daemon to exit")
+            assert not os.path.ismount(mp)
+            assert (store.path / "daemon.pid").read_text() == ""
+    finally:
+        served.stop()
+    log = (store.path / "daemon.log").read_text()
+    assert log.count("unmounted") == 2
+
+
+def test_sigterm_unmounts_cleanly_and_the_store_reopens(mount: Mount) -> None:
+    mount.new_agent("alice")
+    sh(f"echo kept > {mount.mp}/alice/state/k")
+    os.kill(mount.pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(mount.pid), 10, "the daemon to exit on SIGTERM")
+    assert not os.path.ismount(mount.mp)
+    log = (mount.store.path / "daemon.log").read_text()
+    assert "signal 15: unmounting" in log and log.rstrip().endswith(f"unmounted {mount.mp}")
+    assert (mount.store.path / "daemon.pid").read_text() == ""
+    mount.start()
+    assert (mount.mp / "alice/state/k").read_text() == "kept\n"
+    assert mount.status("alice")["name"] == "alice"
+
+
+# -- help --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [[], ["init"], ["id"], ["mount"]])
+def test_help(command: list[str]) -> None:
+    done = subprocess.run([str(CONSOLE_SCRIPT), *command, "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.startswith(f"usage: agentfs {' '.join(command)}".rstrip())
+
+
+def test_no_command_is_a_usage_error() -> None:
+    done = agentfs()
+    assert done.returncode == 2 and "usage: agentfs" in done.stderr

@@ -1,0 +1,99 @@
+"""kill -9 the daemon during inbox writes and ticks: nothing acknowledged is lost or done twice."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import threading
+from collections import Counter
+from pathlib import Path
+
+from conftest import Mount, json_lines, wait_until
+
+PROGRAM = """#!/bin/sh
+read -r trigger
+id=$(printf '%s\\n' "$trigger" | jq -r .id)
+echo "$id" > "$AGENT_DIR/state/a/$id"
+echo "$id" > "$AGENT_DIR/state/b/$id"
+echo "done $id"
+"""
+
+
+class Writer(threading.Thread):
+    """Writes messages to an inbox, one write(2) each, noting which ones were acknowledged."""
+
+    def __init__(self, inbox: Path, prefix: str, count: int) -> None:
+        super().__init__(daemon=True)
+        self.inbox, self.prefix, self.count = inbox, prefix, count
+        self.attempted: list[str] = []
+        self.acked: list[str] = []
+        self.error: OSError | None = None
+
+    def run(self) -> None:
+        fd = os.open(self.inbox, os.O_WRONLY)
+        try:
+            for i in range(self.count):
+                ident = f"{self.prefix}-{i}"
+                line = json.dumps({"id": ident, "type": "text", "data": i}).encode() + b"\n"
+                self.attempted.append(ident)
+                if os.write(fd, line) == len(line):
+                    self.acked.append(ident)
+        except OSError as e:
+            self.error = e
+        finally:
+            with contextlib.suppress(OSError):  # the daemon is gone: close cannot reach it
+                os.close(fd)
+
+
+def check_consistent(mount: Mount, acked: set[str], attempted: set[str]) -> set[str]:
+    """Every acknowledged message consumed exactly once, no partial tick; returns the done ids."""
+    agent = mount.agent("crash")
+    done_a = set(os.listdir(agent / "state/a"))
+    done_b = set(os.listdir(agent / "state/b"))
+    assert done_a == done_b, f"partial ticks: {done_a ^ done_b}"
+    assert acked <= done_a, f"acknowledged but lost: {sorted(acked - done_a)[:10]}"
+    assert done_a <= attempted
+    for ident in done_a:
+        assert (agent / "state/a" / ident).read_text() == f"{ident}\n"
+    replies = Counter(m["in_reply_to"] for m in json_lines(agent / "outbox"))
+    assert set(replies) == done_a and set(replies.values()) == {1}
+    ok = Counter(r["trigger"]["id"] for r in json_lines(agent / "log")
+                 if r["event"] == "tick" and r["result"] == "ok")
+    assert set(ok) == done_a and set(ok.values()) == {1}
+    assert mount.status("crash")["ticks"] == str(len(done_a))
+    return done_a
+
+
+def test_kill_9_during_writes_and_ticks(mount: Mount, tmp_path: Path) -> None:
+    program = tmp_path / "program.sh"
+    program.write_text(PROGRAM)
+    program.chmod(0o755)
+    mount.new_agent("crash", str(program))
+    agent = mount.agent("crash")
+    os.mkdir(agent / "state/a")
+    os.mkdir(agent / "state/b")
+    rng = random.Random()
+    acked: set[str] = set()
+    attempted: set[str] = set()
+    for round_number in range(3):
+        writer = Writer(agent / "inbox", f"r{round_number}", 200)
+        kill_at = rng.randint(10, 150)
+        writer.start()
+
+        def enough(w: Writer = writer, k: int = kill_at) -> bool:
+            return len(w.acked) >= k or not w.is_alive()
+
+        wait_until(enough, 30, "enough acknowledged writes")
+        mount.kill()
+        writer.join(30)
+        assert not writer.is_alive()
+        assert len(writer.acked) >= min(kill_at, 200)
+        acked.update(writer.acked)
+        attempted.update(writer.attempted)
+        mount.restart()
+        wait_until(lambda: mount.status("crash")["pending"] == "0", 60, "the queue to drain")
+        done = check_consistent(mount, acked, attempted)
+        assert len(done) >= len(acked)
+    assert len(acked) >= 30

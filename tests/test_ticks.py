@@ -1,0 +1,466 @@
+"""Ticks: one program run per trigger, committed atomically on exit 0, rolled back otherwise."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import Mount, errno_of, pid_alive, sh, wait_until, write_once
+
+SENDER = "npub1sender0000000000000000000000000000000000000000000000000000"
+
+
+def script(directory: Path, name: str, body: str) -> str:
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def make_fifo(directory: Path, name: str = "gate") -> Path:
+    fifo = directory / name
+    os.mkfifo(fifo)
+    return fifo
+
+
+def release(fifo: Path) -> None:
+    """Let a program blocked reading `fifo` go on (waiting for it to open the fifo first)."""
+
+    def opened() -> int | None:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no reader yet
+                return None
+            raise
+
+    fd = wait_until(opened, 15, f"a reader on {fifo}")
+    try:
+        os.write(fd, b"go\n")
+    finally:
+        os.close(fd)
+
+
+def tick_records(mount: Mount, name: str, result: str | None = None) -> list[dict[str, object]]:
+    return [r for r in mount.log(name)
+            if r["event"] == "tick" and (result is None or r["result"] == result)]
+
+
+# -- commit ------------------------------------------------------------------------------------
+
+
+def test_tick_commits_state_reply_and_consumption(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "reply.sh", """
+read -r trigger
+printf '%s' "$trigger" > "$AGENT_DIR/state/trigger"
+mkdir -p "$AGENT_DIR/state/dir" && echo nested > "$AGENT_DIR/state/dir/f"
+echo "reply to $(printf '%s' "$trigger" | jq -r .data)"
+echo
+echo '{"type":"note","data":{"n":1}}'
+echo "to the log" >&2
+""")
+    npub = mount.new_agent("alice", program)
+    agent = mount.agent("alice")
+    message = {"type": "text", "data": "ping", "from": SENDER, "id": "m-1"}
+    sh(f"echo '{json.dumps(message)}' > {agent}/inbox")
+    status = mount.wait_ticks("alice", 1)
+    assert (status["pending"], status["status"]) == ("0", "dormant")
+    assert status["last"].endswith(" ok")
+    trigger = json.loads((agent / "state/trigger").read_text())
+    assert {k: trigger[k] for k in message} == message
+    assert trigger["seq"] == 1
+    assert (agent / "state/dir/f").read_text() == "nested\n"
+    assert (agent / "inbox").read_text() == ""
+    replies = mount.outbox("alice")
+    assert [(r["type"], r["data"]) for r in replies] == [("text", "reply to ping"),
+                                                        ("note", {"n": 1})]
+    for reply in replies:
+        assert reply["to"] == SENDER and reply["in_reply_to"] == "m-1"
+        assert reply["from"] == npub and reply["id"] and reply["time"]
+    assert len({r["id"] for r in replies}) == 2
+    [record] = tick_records(mount, "alice")
+    assert record["result"] == "ok" and record["tick"] == 1
+    assert record["trigger"] == {"id": "m-1", "seq": 1, "type": "text"}
+    assert "to the log" in str(record["stderr"])
+    usage = dict(line.split(" ", 1) for line in (agent / "budget").read_text().splitlines())
+    stored = len((agent / "state/trigger").read_bytes()) + len("nested\n")
+    assert usage["used_storage_bytes"] == str(stored)
+    assert usage["used_daily_compute"] != "0s"
+    # jq picks the reply out of outbox as a user would.
+    assert sh(f"jq -c 'select(.in_reply_to == \"m-1\") | .data' {agent}/outbox").stdout \
+        .splitlines() == ['"reply to ping"', '{"n":1}']
+
+
+def test_tick_environment_and_stdin(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "env.sh", """
+cat > "$AGENT_DIR/state/stdin"
+printf '%s' "$AGENT" > "$AGENT_DIR/state/AGENT"
+printf '%s' "$AGENT_NAME" > "$AGENT_DIR/state/AGENT_NAME"
+printf '%s' "$AGENT_DIR" > "$AGENT_DIR/state/AGENT_DIR"
+""")
+    npub = mount.new_agent("alice", program)
+    agent = mount.agent("alice")
+    message = {"type": "task", "data": {"list": [1, "two"]}, "from": SENDER, "extra": "kept"}
+    write_once(agent / "inbox", json.dumps(message) + "\n")
+    mount.wait_ticks("alice", 1)
+    stdin = (agent / "state/stdin").read_text()
+    assert stdin.endswith("\n") and stdin.count("\n") == 1
+    trigger = json.loads(stdin)
+    assert {k: trigger[k] for k in message} == message
+    assert set(trigger) == {*message, "id", "seq", "time"}
+    assert (agent / "state/AGENT").read_text() == npub
+    assert (agent / "state/AGENT_NAME").read_text() == "alice"
+    assert (agent / "state/AGENT_DIR").read_text() == f"{mount.mp.resolve()}/.tick/{npub}"
+
+
+def test_wake_via_ctl(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "save.sh",
+                     'cat >> "$AGENT_DIR/state/triggers"\n')
+    mount.new_agent("alice", program)
+    agent = mount.agent("alice")
+    sh(f"echo 'wake hello there' > {agent}/ctl")
+    mount.wait_ticks("alice", 1)
+    sh(f"echo wake > {agent}/ctl")
+    mount.wait_ticks("alice", 2)
+    triggers = [json.loads(line) for line in (agent / "state/triggers").read_text().splitlines()]
+    assert [(t["type"], t["data"]) for t in triggers] == [("wake", "hello there"), ("wake", "")]
+    assert [t["seq"] for t in triggers] == [1, 2]
+    assert all(t["id"] and t["time"] for t in triggers)
+
+
+def test_no_program_keeps_triggers_pending_until_one_is_set(mount: Mount, tmp_path: Path) -> None:
+    mount.new_agent("alice")
+    agent = mount.agent("alice")
+    sh(f"printf 'one\\ntwo\\n' > {agent}/inbox; echo 'wake three' > {agent}/ctl; "
+       f"echo four >> {agent}/inbox")
+    status = mount.status("alice")
+    assert (status["pending"], status["ticks"], status["program"]) == ("4", "0", "-")
+    assert [m["data"] for m in mount.inbox("alice")] == ["one", "two", "three", "four"]
+    assert tick_records(mount, "alice") == []
+    program = script(tmp_path, "seq.sh", """
+read -r trigger
+printf '%s\\n' "$trigger" | jq -r .data >> "$AGENT_DIR/state/seen"
+""")
+    write_once(agent / "ctl", f"program {program}\n")
+    mount.wait_ticks("alice", 4)
+    assert (agent / "state/seen").read_text().split() == ["one", "two", "three", "four"]
+    assert mount.status("alice")["pending"] == "0"
+
+
+# -- atomicity ---------------------------------------------------------------------------------
+
+
+def test_uncommitted_writes_are_visible_only_to_the_tick(mount: Mount, tmp_path: Path) -> None:
+    gate = make_fifo(tmp_path)
+    program = script(tmp_path, "slow.sh", """
+read -r trigger
+echo v1 > "$AGENT_DIR/state/k"
+echo '{"type":"text","data":"early"}' >> "$AGENT_DIR/outbox"
+{ cat "$AGENT_DIR/state/k"; ls "$AGENT_DIR/state"; cat "$AGENT_DIR/outbox"; } > "$1/seen"
+touch "$1/started"
+read -r go < "$2"
+echo done
+""")
+    npub = mount.new_agent("alice", program, str(tmp_path), str(gate))
+    agent = mount.agent("alice")
+    write_once(agent / "inbox", "go\n")
+    wait_until(lambda: (tmp_path / "started").exists(), 15, "the tick to start")
+    seen = (tmp_path / "seen").read_text().splitlines()
+    assert seen[:2] == ["v1", "k"] and '"data":"early"' in seen[2]
+    # Nobody else sees the tick's writes while it runs.
+    assert os.listdir(agent / "state") == []
+    assert errno_of(lambda: (agent / "state/k").read_bytes()) == errno.ENOENT
+    assert (agent / "outbox").read_text() == ""
+    assert mount.status("alice")["status"] == "active"
+    assert mount.status("alice")["pending"] == "1"
+    # Nor through the tick's own directory.
+    tick_dir = mount.mp / ".tick" / npub
+    assert errno_of(lambda: os.listdir(tick_dir)) == errno.EACCES
+    assert errno_of(lambda: (tick_dir / "state/k").read_bytes()) == errno.EACCES
+    release(gate)
+    mount.wait_ticks("alice", 1)
+    assert (agent / "state/k").read_text() == "v1\n"
+    assert [m["data"] for m in mount.outbox("alice")] == ["early", "done"]
+
+
+@pytest.mark.parametrize("failure", ["exit", "signal"])
+def test_failed_tick_rolls_back(mount: Mount, tmp_path: Path, failure: str) -> None:
+    end = "exit 3" if failure == "exit" else "kill -9 $$"
+    program = script(tmp_path, "fail.sh", f"""
+read -r trigger
+echo changed > "$AGENT_DIR/state/k"
+echo new > "$AGENT_DIR/state/new"
+echo 'a reply that must not be sent'
+echo "something broke" >&2
+{end}
+""")
+    mount.new_agent("alice", program)
+    agent = mount.agent("alice")
+    sh(f"echo orig > {agent}/state/k")
+    write_once(agent / "inbox", '{"id":"t-1","data":"x"}\n')
+    [record] = wait_until(lambda: tick_records(mount, "alice", "error"), 15, "a failed tick")
+    expected = "exit status 3" if failure == "exit" else "killed by signal 9"
+    assert record["error"] == expected
+    assert "something broke" in str(record["stderr"])
+    assert record["trigger"] == {"id": "t-1", "seq": 1, "type": "text"}
+    assert (agent / "state/k").read_text() == "orig\n"
+    assert not (agent / "state/new").exists()
+    assert (agent / "outbox").read_text() == ""
+    assert [m["id"] for m in mount.inbox("alice")] == ["t-1"]
+    status = mount.status("alice")
+    assert (status["ticks"], status["pending"]) == ("0", "1")
+    assert f"error: {expected}" in status["last"]
+    # The trigger is still there for the next tick: a fixed program consumes it, once.
+    fixed = script(tmp_path, "fixed.sh", 'read -r t; echo "$t" > "$AGENT_DIR/state/k"\n')
+    write_once(agent / "ctl", f"program {fixed}\n")
+    mount.wait_ticks("alice", 1)
+    assert json.loads((agent / "state/k").read_text())["id"] == "t-1"
+    assert (agent / "inbox").read_text() == ""
+    assert len(tick_records(mount, "alice", "ok")) == 1
+
+
+@pytest.mark.parametrize("exit_status", [0, 1])
+def test_tick_ctl_and_inbox_writes_commit_with_the_tick(mount: Mount, tmp_path: Path,
+                                                         exit_status: int) -> None:
+    program = script(tmp_path, "chain.sh", f"""
+read -r trigger
+printf '%s\\n' "$trigger" >> "$1/triggers"
+case "$trigger" in
+*'"data":"first"'*)
+    echo "name renamed" > "$AGENT_DIR/ctl"
+    echo "second" > "$AGENT_DIR/inbox"
+    echo "wake third" > "$AGENT_DIR/ctl"
+    exit {exit_status};;
+esac
+""")
+    npub = mount.new_agent("alice", program, str(tmp_path))
+    write_once(mount.agent("alice") / "inbox", "first\n")
+    if exit_status == 0:
+        mount.wait_ticks(npub, 3)
+        assert os.readlink(mount.mp / "renamed") == npub
+        assert not os.path.lexists(mount.mp / "alice")
+        triggers = [json.loads(t) for t in (tmp_path / "triggers").read_text().splitlines()]
+        assert [(t["type"], t["data"]) for t in triggers] == \
+            [("text", "first"), ("text", "second"), ("wake", "third")]
+        assert mount.status("renamed")["pending"] == "0"
+    else:
+        wait_until(lambda: tick_records(mount, "alice", "error"), 15, "the failed tick")
+        write_once(mount.agent("alice") / "ctl", "sleep\n")
+        assert os.readlink(mount.mp / "alice") == npub
+        assert not os.path.lexists(mount.mp / "renamed")
+        assert [m["data"] for m in mount.inbox("alice")] == ["first"]
+
+
+def test_timeout_kills_the_process_group_and_rolls_back(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "hang.sh", """
+read -r trigger
+echo partial > "$AGENT_DIR/state/k"
+sleep 30 &
+echo "$$ $!" >> "$1/pids"
+sleep 30
+""")
+    mount.new_agent("alice", program, str(tmp_path))
+    agent = mount.agent("alice")
+    write_once(agent / "budget", "max_tick_duration 1s\n")
+    write_once(agent / "inbox", "hang\n")
+    [record] = wait_until(lambda: tick_records(mount, "alice", "error"), 20, "the time limit")
+    write_once(agent / "ctl", "sleep\n")  # no retries while we look
+    assert record["error"] == "killed after 1s (max_tick_duration)"
+    main, child = map(int, (tmp_path / "pids").read_text().splitlines()[0].split())
+    wait_until(lambda: not pid_alive(main) and not pid_alive(child), 10,
+               "the program and its background child to be gone")
+    assert not (agent / "state/k").exists()
+    assert (agent / "outbox").read_text() == ""
+    assert mount.status("alice")["pending"] == "1"
+    assert 1.0 <= float(str(record["duration"])) < 20
+
+
+def test_unmount_during_a_tick_kills_it_and_keeps_the_trigger(mount: Mount,
+                                                               tmp_path: Path) -> None:
+    program = script(tmp_path, "once.sh", """
+read -r trigger
+echo "$$" >> "$1/pids"
+echo run > "$AGENT_DIR/state/k"
+if [ ! -e "$1/ran" ]; then touch "$1/ran"; sleep 30; fi
+""")
+    mount.new_agent("alice", program, str(tmp_path))
+    write_once(mount.agent("alice") / "inbox", "once\n")
+    wait_until(lambda: (tmp_path / "ran").exists(), 15, "the tick to start")
+    first = int((tmp_path / "pids").read_text())
+    daemon = mount.pid
+    sh(f"fusermount3 -u {mount.mp}")
+    wait_until(lambda: not pid_alive(daemon), 10, "the daemon to exit")
+    wait_until(lambda: not pid_alive(first), 10, "the tick's program to be killed")
+    mount.start()
+    mount.wait_ticks("alice", 1)
+    assert (mount.agent("alice") / "state/k").read_text() == "run\n"
+    assert len((tmp_path / "pids").read_text().split()) == 2
+    assert len(tick_records(mount, "alice", "ok")) == 1
+    assert mount.status("alice")["pending"] == "0"
+
+
+# -- isolation ---------------------------------------------------------------------------------
+
+
+PROBE = """
+import errno, json, os, sys
+mp, other = sys.argv[1], sys.argv[2]
+own = os.environ["AGENT_DIR"]
+tick_dir = os.path.join(mp, ".tick", other)
+
+
+def attempt(name, call):
+    try:
+        call()
+        result = "ok"
+    except OSError as e:
+        result = errno.errorcode[e.errno]
+    with open(os.path.join(own, "state", name), "w") as f:
+        f.write(result)
+
+
+def write(path):
+    with open(path, "w") as f:
+        f.write("intruder")
+
+
+sys.stdin.read()
+attempt("read_state", lambda: open(os.path.join(mp, other, "state", "secret")).read())
+attempt("write_state", lambda: write(os.path.join(mp, other, "state", "planted")))
+attempt("list_state", lambda: os.listdir(os.path.join(mp, other, "state")))
+attempt("read_by_name", lambda: open(os.path.join(mp, "bob", "state", "secret")).read())
+attempt("write_inbox", lambda: write(os.path.join(mp, other, "inbox")))
+attempt("read_ctl", lambda: open(os.path.join(mp, other, "ctl")).read())
+attempt("read_tick_state", lambda: open(os.path.join(tick_dir, "state", "secret")).read())
+attempt("write_tick_state", lambda: write(os.path.join(tick_dir, "state", "planted")))
+attempt("list_tick_dir", lambda: os.listdir(tick_dir))
+attempt("write_own_dir", lambda: write(os.path.join(own, "state", "mine")))
+"""
+
+
+def test_a_tick_cannot_touch_another_agent(mount: Mount, tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    bob = mount.new_agent("bob")
+    sh(f"echo s3cret > {mount.mp}/bob/state/secret")
+    mount.new_agent("alice", sys.executable, str(probe), str(mount.mp), bob)
+    write_once(mount.agent("alice") / "inbox", "probe\n")
+    mount.wait_ticks("alice", 1)
+    state = mount.agent("alice") / "state"
+    results = {name: (state / name).read_text() for name in os.listdir(state)}
+    assert results.pop("mine") == "intruder"
+    assert results.pop("write_own_dir") == "ok"
+    assert results == dict.fromkeys(
+        ["read_state", "write_state", "list_state", "read_by_name", "write_inbox", "read_ctl",
+         "read_tick_state", "write_tick_state", "list_tick_dir"], "EACCES")
+    assert os.listdir(mount.agent("bob") / "state") == ["secret"]
+    assert mount.status("bob")["pending"] == "0"
+    refused = [r for r in mount.log("alice") if r["event"] == "refused"]
+    assert refused and all(r["errno"] == "EACCES" for r in refused)
+
+
+def test_a_tick_cannot_escape_isolation_with_setsid(mount: Mount, tmp_path: Path) -> None:
+    # setsid(2) leaves the tick's session; a double fork also leaves its process tree.
+    program = script(tmp_path, "escape.sh", """
+read -r trigger
+setsid cat "$2/bob/state/secret" > "$1/stolen" 2>&1
+setsid sh -c 'echo planted > "$1/bob/state/planted"' sh "$2" 2>/dev/null
+( setsid sh -c 'echo > "$1/away"; cat "$2/bob/state/secret" > "$1/orphan" 2>&1
+    echo done >> "$1/orphan"' sh "$1" "$2" & )
+while [ ! -e "$1/away" ]; do :; done  # else the tick's end kills it before it leaves
+true
+""")
+    mount.new_agent("bob")
+    sh(f"echo s3cret > {mount.mp}/bob/state/secret")
+    mount.new_agent("alice", program, str(tmp_path), str(mount.mp))
+    write_once(mount.agent("alice") / "inbox", "escape\n")
+    mount.wait_ticks("alice", 1)
+    orphan = tmp_path / "orphan"
+    wait_until(lambda: orphan.exists() and "done" in orphan.read_text())
+    assert os.listdir(mount.agent("bob") / "state") == ["secret"]
+    assert "s3cret" not in (tmp_path / "stolen").read_text()
+    assert "Permission denied" in orphan.read_text()
+
+
+def test_outsiders_cannot_enter_tick_dirs(mount: Mount) -> None:
+    npub = mount.new_agent("alice")
+    tick_dir = mount.mp / ".tick" / npub
+    assert errno_of(lambda: os.listdir(tick_dir)) == errno.EACCES
+    assert errno_of(lambda: os.stat(tick_dir / "state")) == errno.EACCES
+    assert errno_of(lambda: write_once(tick_dir / "inbox", "x\n")) == errno.EACCES
+    done = sh(f"cat {tick_dir}/ctl", check=False)
+    assert done.returncode != 0 and "Permission denied" in done.stderr
+    assert mount.status("alice")["pending"] == "0"
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+
+def test_outside_state_write_waits_for_the_running_tick(mount: Mount, tmp_path: Path) -> None:
+    gate = make_fifo(tmp_path)
+    program = script(tmp_path, "append.sh", """
+read -r trigger
+echo tick >> "$AGENT_DIR/state/k"
+touch "$1/started"
+read -r go < "$2"
+""")
+    mount.new_agent("alice", program, str(tmp_path), str(gate))
+    agent = mount.agent("alice")
+    sh(f"echo base > {agent}/state/k")
+    write_once(agent / "inbox", "go\n")
+    wait_until(lambda: (tmp_path / "started").exists(), 15, "the tick to start")
+    outside = threading.Thread(target=sh, args=(f"echo outside >> {agent}/state/k",))
+    outside.start()
+    try:
+        assert outside.is_alive()
+        release(gate)
+        mount.wait_ticks("alice", 1)
+    finally:
+        outside.join(30)
+    assert not outside.is_alive()
+    # Serialised: the outside append came after the tick's commit, not lost under it.
+    assert (agent / "state/k").read_text() == "base\ntick\noutside\n"
+
+
+def test_one_agent_ticks_one_at_a_time_in_order(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "serial.sh", """
+read -r trigger
+mkdir "$1/running" 2>/dev/null || echo "overlap" >> "$1/overlaps"
+printf '%s\\n' "$trigger" | jq -r .seq >> "$AGENT_DIR/state/order"
+rmdir "$1/running"
+""")
+    mount.new_agent("alice", program, str(tmp_path))
+    write_once(mount.agent("alice") / "inbox", "".join(f"m{i}\n" for i in range(8)))
+    mount.wait_ticks("alice", 8)
+    assert (mount.agent("alice") / "state/order").read_text().split() == \
+        [str(i) for i in range(1, 9)]
+    assert not (tmp_path / "overlaps").exists()
+
+
+def test_many_agents_tick_in_parallel(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "barrier.sh", """
+read -r trigger
+echo "$AGENT_NAME" > "$AGENT_DIR/state/done"
+touch "$1/started.$AGENT_NAME"
+while [ ! -e "$1/go" ]; do sleep 0.01; done
+echo "reply from $AGENT_NAME"
+""")
+    names = [f"agent{i}" for i in range(12)]
+    for name in names:
+        mount.new_agent(name, program, str(tmp_path))
+    for name in names:
+        write_once(mount.agent(name) / "inbox", f"hello {name}\n")
+    # At least four ticks (the smallest pool) run at once: each waits for the others to start.
+    wait_until(lambda: len(list(tmp_path.glob("started.*"))) >= 4, 20, "four ticks at once")
+    (tmp_path / "go").touch()
+    for name in names:
+        mount.wait_ticks(name, 1, timeout=30)
+    for name in names:
+        assert (mount.agent(name) / "state/done").read_text() == f"{name}\n"
+        assert [m["data"] for m in mount.outbox(name)] == [f"reply from {name}"]
+        assert mount.status(name)["pending"] == "0"
