@@ -17,7 +17,7 @@ import trio
 @dataclass
 class Program:
     pid: int
-    stdin: trio.lowlevel.FdStream
+    stdin: trio.lowlevel.FdStream | None  # None: the input was written whole at spawn
     stdout: trio.lowlevel.FdStream
     stderr: trio.lowlevel.FdStream
     pidfd: int
@@ -38,11 +38,20 @@ class Program:
 
     async def aclose(self) -> None:
         for stream in (self.stdin, self.stdout, self.stderr):
-            await stream.aclose()
+            if stream is not None:
+                await stream.aclose()
 
 
-def spawn(argv: list[str], env: dict[str, str]) -> Program:
-    """Start `argv` (searched in PATH) with pipes for its standard streams."""
+# What a fresh pipe holds without a reader (Linux's default pipe capacity).
+PIPE_CAPACITY = 65536
+
+
+def spawn(argv: list[str], env: dict[str, str], stdin: bytes = b"") -> Program:
+    """Start `argv` (searched in PATH) with pipes for its standard streams.
+
+    Input that fits in the pipe is written and its end closed here, which spares the
+    caller a task to feed it; larger input is left to the caller through `stdin`.
+    """
     pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
     child_ends = (pipes[0][0], pipes[1][1], pipes[2][1])
     try:
@@ -57,9 +66,15 @@ def spawn(argv: list[str], env: dict[str, str]) -> Program:
         raise
     for fd in child_ends:
         os.close(fd)
+    stdin_stream: trio.lowlevel.FdStream | None = None
+    if len(stdin) <= PIPE_CAPACITY:
+        os.write(pipes[0][1], stdin)
+        os.close(pipes[0][1])
+    else:
+        stdin_stream = trio.lowlevel.FdStream(pipes[0][1])
     return Program(
         pid,
-        trio.lowlevel.FdStream(pipes[0][1]),
+        stdin_stream,
         trio.lowlevel.FdStream(pipes[1][0]),
         trio.lowlevel.FdStream(pipes[2][0]),
         os.pidfd_open(pid),

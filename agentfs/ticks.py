@@ -262,17 +262,18 @@ class TickEngine:
         started = time.monotonic()
         stdout = _Stdout()
         stderr = bytearray()
+        trigger_line = json.dumps(tick.trigger, separators=(",", ":")).encode() + b"\n"
         try:
-            proc = spawn(record.program, self._environment(tick))
+            proc = spawn(record.program, self._environment(tick), trigger_line)
         except OSError as e:
             return Outcome(False, f"cannot start program: {e.strerror}: {record.program[0]}")
         self._register(tick, proc.pid)
-        trigger_line = json.dumps(tick.trigger, separators=(",", ":")).encode() + b"\n"
         timed_out = False
         try:
             with trio.move_on_after(limit) as scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_feed, proc.stdin, trigger_line)
+                    if proc.stdin is not None:
+                        nursery.start_soon(_feed, proc.stdin, trigger_line)
                     nursery.start_soon(_collect_lines, proc.stdout, stdout)
                     nursery.start_soon(_collect_tail, proc.stderr, stderr)
                     await proc.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -106,6 +107,23 @@ def test_recovery_gives_the_same_npubs_in_the_same_order(make_mount: MountFactor
 
 
 # -- id ----------------------------------------------------------------------------------------
+
+
+NIP06 = json.loads((Path(__file__).parent / "vectors" / "nip06.json").read_text())
+
+
+@pytest.mark.parametrize("vector", NIP06["vectors"], ids=lambda v: v["npub"][:12])
+def test_id_reproduces_the_nip06_vectors(vector: dict[str, str], tmp_path: Path) -> None:
+    # NIP-06's vectors are for m/44'/1237'/0'/0/0: the user's key.
+    words = tmp_path / "mnemonic"
+    words.write_text(vector["mnemonic"] + "\n")
+    done = agentfs("id", "--mnemonic-file", str(words), "--user")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{vector['npub']} {vector['public_key_hex']}\n"
+    from_stdin = agentfs("id", "--mnemonic-file", "-", "--user", stdin=vector["mnemonic"])
+    assert from_stdin.stdout == done.stdout
+    # The private key never appears in what the command prints.
+    assert vector["private_key_hex"] not in done.stdout + done.stderr
 
 
 def test_id_matches_the_agents_in_the_tree(mount: Mount, tmp_path: Path) -> None:
