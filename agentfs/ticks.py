@@ -67,7 +67,6 @@ class Outcome:
 class ProcStat(NamedTuple):
     ppid: int
     sid: int
-    start: int  # clock ticks after boot: with the pid, names one process for good
 
 
 def proc_stat(pid: int) -> ProcStat | None:
@@ -77,7 +76,7 @@ def proc_stat(pid: int) -> ProcStat | None:
     except OSError:
         return None
     fields = stat[stat.rfind(b")") + 2:].split()
-    return ProcStat(int(fields[1]), int(fields[3]), int(fields[19]))
+    return ProcStat(int(fields[1]), int(fields[3]))
 
 
 def reply_for(line: bytes, trigger: Message) -> Message:
@@ -105,7 +104,10 @@ class TickEngine:
         self.mountpoint = mountpoint
         self.running: dict[int, RunningTick] = {}
         self._sessions: dict[int, RunningTick] = {}
-        self._callers: dict[int, tuple[int, RunningTick | None]] = {}  # pid -> (start, tick)
+        # pid -> its tick, forgotten whenever a tick starts or ends.  A pid reused meanwhile
+        # needs the kernel to cycle through pid_max; the one mistake it could cause is
+        # refusing an outsider whose pid last belonged to an orphan.
+        self._callers: dict[int, RunningTick | None] = {}
         self._ever_ticked = False
         self._daemon_pid = os.getpid()
         self._scheduled: set[int] = set()
@@ -124,15 +126,12 @@ class TickEngine:
         """
         if not self._ever_ticked or pid <= 0:
             return None
-        stat = proc_stat(pid)
-        if stat is None:
-            return None
-        cached = self._callers.get(pid)
-        if cached is not None and cached[0] == stat.start:
-            tick = cached[1]
-        else:
-            tick = self._attribute(pid, stat)
-            self._callers[pid] = (stat.start, tick)
+        try:
+            tick = self._callers[pid]
+        except KeyError:
+            stat = proc_stat(pid)
+            tick = None if stat is None else self._attribute(pid, stat)
+            self._callers[pid] = tick
         if tick is ORPHAN:
             raise errors.denied("a process left behind by a tick may not use the mount")
         return tick
