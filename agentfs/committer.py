@@ -8,6 +8,8 @@ serving reads meanwhile.  A function that raises rolls back only its own child.
 
 from __future__ import annotations
 
+import errno
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -19,6 +21,7 @@ from . import errors
 from .store import AgentStore, Txn
 
 T = TypeVar("T")
+log = logging.getLogger("agentfs")
 
 
 @dataclass
@@ -78,9 +81,13 @@ class CommitQueue:
                     child = env.begin(write=True, parent=txn)
                     try:
                         pending.result = pending.apply(child)
-                    except BaseException as e:  # noqa: BLE001 - handed back to the waiter
+                    except errors.FsError as e:
                         child.abort()
                         pending.error = e
+                    except Exception as e:  # noqa: BLE001 - a bug must not take the mount down
+                        child.abort()
+                        log.exception("a transaction failed")
+                        pending.error = errors.FsError(errno.EIO, f"internal error: {e}")
                     else:
                         child.commit()
         except lmdb.MapFullError:
@@ -88,9 +95,11 @@ class CommitQueue:
             for pending in batch:
                 pending.error = pending.error or failure
             return
-        except BaseException as e:  # noqa: BLE001 - the whole commit failed: tell everyone
+        except lmdb.Error as e:  # the whole commit failed (disk full, I/O error): tell everyone
+            log.error("commit failed: %s", e)
+            failure = errors.FsError(errno.EIO, f"the store could not commit: {e}")
             for pending in batch:
-                pending.error = pending.error or e
+                pending.error = pending.error or failure
             return
         self._stats.commits += 1
         self._stats.transactions += len(batch)

@@ -18,31 +18,37 @@ def rfc3339_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def parse_line(line: bytes) -> Message:
-    """One inbox line as a message: a JSON object, or text that becomes a text message."""
+def parse_line(line: bytes, what: str = "inbox") -> Message:
+    """One line as a message: a JSON object, or text that becomes a text message."""
     text = line.decode("utf-8", errors="strict").rstrip("\r")
     if text.lstrip().startswith("{"):
         try:
             message = json.loads(text)
         except json.JSONDecodeError as e:
             raise errors.invalid(
-                f"inbox: line is not valid JSON ({e.msg} at column {e.colno})") from None
+                f"{what}: line is not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(message, dict):
-            raise errors.invalid("inbox: a JSON line must be an object")
+            raise errors.invalid(f"{what}: a JSON line must be an object")
         return message
     return {"type": "text", "data": text}
 
 
-def parse_lines(data: bytes) -> list[Message]:
+def parse_lines(data: bytes, what: str = "inbox") -> list[Message]:
     """Every non-empty line of `data` as a message, or EINVAL for the whole lot."""
     messages = []
     for line in data.split(b"\n"):
         if line.strip():
             try:
-                messages.append(parse_line(line))
+                messages.append(parse_line(line, what))
             except UnicodeDecodeError:
-                raise errors.invalid("inbox: a line is not UTF-8") from None
+                raise errors.invalid(f"{what}: a line is not UTF-8") from None
     return messages
+
+
+def stamp_id(message: Message) -> None:
+    """Keep a message's own id (a non-empty string, for idempotence) or give it one."""
+    if not isinstance(message.get("id"), str) or not message["id"]:
+        message["id"] = secrets.token_hex(16)
 
 
 class Inbox:
@@ -55,8 +61,7 @@ class Inbox:
         seq = self.store.bump_counter(txn, index, b"inbox-seq")
         stored = dict(message)
         stored.setdefault("type", "text")
-        if not isinstance(stored.get("id"), str) or not stored["id"]:
-            stored["id"] = secrets.token_hex(16)
+        stamp_id(stored)
         stored["seq"] = seq
         stored["time"] = rfc3339_now()
         raw = json.dumps(stored, separators=(",", ":"), ensure_ascii=False).encode()

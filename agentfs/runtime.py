@@ -7,7 +7,6 @@ tick goes to that tick's overlay instead.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -18,7 +17,7 @@ from . import budget, errors, state
 from .committer import CommitQueue
 from .ctl import Command, parse_agent_ctl, parse_root_ctl, quote_program
 from .identity import agent_private_key, npub_decode, npub_encode, public_key
-from .inbox import Inbox, Message, parse_lines, rfc3339_now
+from .inbox import Inbox, Message, parse_lines, rfc3339_now, stamp_id
 from .journal import Journal, encode_line
 from .store import AgentRecord, AgentStore, Txn, agent_key
 from .ticks import RunningTick, TickEngine
@@ -108,7 +107,7 @@ class Runtime:
 
     def outgoing(self, message: Message, npub: str, now: str) -> Message:
         out = dict(message)
-        out.setdefault("id", secrets.token_hex(16))
+        stamp_id(out)
         out.setdefault("type", "text")
         out["from"] = npub
         out["time"] = now
@@ -232,7 +231,7 @@ class Runtime:
         if tick is None:
             raise errors.denied(
                 "outbox: only the agent's own ticks append to it, through $AGENT_DIR/outbox")
-        tick.overlay.outbox.extend(parse_lines(data))
+        tick.overlay.outbox.extend(parse_lines(data, "outbox"))
 
     async def budget_write(self, index: int, data: bytes, tick: RunningTick | None) -> None:
         if tick is not None:

@@ -23,6 +23,7 @@ from .overlay import TickOverlay
 from .spawn import spawn
 from .state import TxnState
 from .store import AgentRecord, Txn
+from .units import format_duration
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -287,8 +288,8 @@ class TickEngine:
         duration = time.monotonic() - started
         tail = bytes(stderr[-STDERR_TAIL:])
         if timed_out:
-            return Outcome(False, f"killed after {limit:g}s (max_tick_duration)", stdout.lines,
-                           tail, duration)
+            why = f"killed after {format_duration(limit)} (max_tick_duration)"
+            return Outcome(False, why, stdout.lines, tail, duration)
         status = proc.returncode or 0
         if status != 0:
             how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
@@ -340,7 +341,7 @@ class TickEngine:
         record.ticks += 1
         record.failures = 0
         record.last = f"{now} ok"
-        if record.status != "terminated":
+        if record.status == "active":  # not if put to sleep, or terminated, meanwhile
             more = runtime.inbox.first(txn, index) is not None
             record.status = "active" if more and not asleep else "dormant"
         store.put_agent(txn, record)

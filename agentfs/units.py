@@ -36,7 +36,8 @@ def parse_size(text: str) -> int:
     value, unit = _split(text, "size")
     factor = SIZE_UNITS.get(unit.lower())
     if factor is None:
-        raise errors.invalid(f"size {text!r}: unit {unit!r} is not one of B KB MB GB KiB MiB GiB")
+        raise errors.invalid(
+            f"size {text!r}: unit {unit!r} is not one of B KB MB GB TB KiB MiB GiB TiB")
     size = value * factor
     if size != int(size):
         raise errors.invalid(f"size {text!r}: not a whole number of bytes")
