@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from . import errors
 from .store import AgentRecord
@@ -64,12 +65,46 @@ def today() -> str:
     return datetime.now(UTC).date().isoformat()
 
 
+def next_reset() -> datetime:
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return midnight + timedelta(days=1)
+
+
 def roll_day(record: AgentRecord) -> None:
-    """Daily usage resets at 00:00 UTC."""
+    """Daily usage, and the warnings given about it, reset at 00:00 UTC."""
     if record.usage.get("day") != today():
         record.usage["day"] = today()
         for key in DAILY_USAGE:
             record.usage[key] = 0
+        record.usage["warned"] = []
+        record.usage.pop("compute_refused", None)
+
+
+# Each resource: its usage figure and its limit.
+RESOURCES = (
+    ("compute", "used_daily_compute", "max_daily_compute"),
+    ("storage", "used_storage_bytes", "max_storage_bytes"),
+    ("api_calls", "used_daily_api_calls", "max_daily_api_calls"),
+    ("spend_sats", "used_daily_spend_sats", "max_daily_spend_sats"),
+)
+
+
+def new_warnings(record: AgentRecord, storage_bytes: int) -> list[dict[str, Any]]:
+    """Resources whose usage crossed warning_threshold and were not warned of today.
+
+    Marks them warned in `record`, so each resource is warned of once a day.
+    """
+    roll_day(record)
+    usage = dict(record.usage, used_storage_bytes=storage_bytes)
+    threshold = limit(record, "warning_threshold")
+    warned: list[str] = record.usage.setdefault("warned", [])
+    crossed = []
+    for resource, used_key, limit_key in RESOURCES:
+        used, most = float(usage.get(used_key, 0)), limit(record, limit_key)
+        if resource not in warned and used >= threshold * most:
+            warned.append(resource)
+            crossed.append({"resource": resource, "used": round(used, 3), "limit": most})
+    return crossed
 
 
 def parse_settings(text: str) -> dict[str, float]:
@@ -105,4 +140,6 @@ def render(record: AgentRecord, storage_bytes: int) -> str:
         shown = format_duration(round(value, 3)) if "compute" in lim.usage or "duration" in \
             lim.usage else str(int(value))
         lines.append(f"{lim.usage} {shown}")
+    reset = next_reset().isoformat().replace("+00:00", "Z")
+    lines.append(f"next_reset {reset}")
     return "\n".join(lines) + "\n"

@@ -41,7 +41,16 @@ class NewAgent:
     program: list[str] | None
 
 
-AGENT_VERBS = {"wake", "program", "name", "sleep", "terminate", "recover"}
+AGENT_VERBS = {"wake", "program", "name", "sleep", "terminate", "recover", "retries",
+               "checkpoint", "charge", "spend"}
+# Verbs only a running tick may write, through its own AGENT_DIR/ctl.
+TICK_VERBS = {"checkpoint", "charge", "spend"}
+
+
+def _positive(text: str, what: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise errors.invalid(f"ctl: {what} must be a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 def _lines(data: bytes, what: str) -> list[str]:
@@ -76,6 +85,16 @@ def parse_agent_ctl(data: bytes) -> list[Command]:
             if len(words) != 1:
                 raise errors.invalid("ctl: name takes exactly one NAME")
             commands.append(Command(verb, (check_name(words[0]),)))
+        elif verb == "retries":
+            commands.append(Command(verb, (str(_positive(rest, "retries")),)))
+        elif verb == "charge":
+            words = rest.split()
+            if len(words) != 2 or words[0] != "api":
+                raise errors.invalid("ctl: usage: charge api N")
+            commands.append(Command(verb, ("api", str(_positive(words[1], "charge")))))
+        elif verb == "spend":
+            sats, _, memo = rest.partition(" ")
+            commands.append(Command(verb, (str(_positive(sats, "spend")),), text=memo.strip()))
         else:
             if rest:
                 raise errors.invalid(f"ctl: {verb} takes no arguments")

@@ -12,6 +12,7 @@ from . import errors
 from .store import AgentStore, Txn, agent_key
 
 Message = dict[str, Any]
+MAX_ID = 256  # bytes; ids are keys of the `seen` table
 
 
 def rfc3339_now() -> str:
@@ -49,19 +50,30 @@ def stamp_id(message: Message) -> None:
     """Keep a message's own id (a non-empty string, for idempotence) or give it one."""
     if not isinstance(message.get("id"), str) or not message["id"]:
         message["id"] = secrets.token_hex(16)
+    elif len(message["id"].encode()) > MAX_ID:
+        raise errors.invalid(f"message id longer than {MAX_ID} bytes")
 
 
 class Inbox:
     def __init__(self, store: AgentStore) -> None:
         self.store = store
         self.db = store.db["inbox"]
+        self.seen = store.db["seen"]
 
-    def append(self, txn: Txn, index: int, message: Message) -> Message:
-        """Queue `message`, stamping it with id, seq and time; returns the stored message."""
-        seq = self.store.bump_counter(txn, index, b"inbox-seq")
+    def append(self, txn: Txn, index: int, message: Message) -> Message | None:
+        """Queue `message`, stamped with id, seq and time; None if its id was accepted before.
+
+        A sender that retries with the same id (a driver that died before it heard back)
+        is acknowledged, and the message is not applied twice.
+        """
         stored = dict(message)
         stored.setdefault("type", "text")
         stamp_id(stored)
+        seen = agent_key(index) + stored["id"].encode()
+        if txn.get(seen, db=self.seen) is not None:
+            return None
+        seq = self.store.bump_counter(txn, index, b"inbox-seq")
+        txn.put(seen, seq.to_bytes(8, "big"), db=self.seen)
         stored["seq"] = seq
         stored["time"] = rfc3339_now()
         raw = json.dumps(stored, separators=(",", ":"), ensure_ascii=False).encode()

@@ -21,6 +21,14 @@ class TickOverlay:
     outbox: list[dict[str, Any]] = field(default_factory=list)
     inbox: list[dict[str, Any]] = field(default_factory=list)
     ctl: list[Command] = field(default_factory=list)
+    charges: dict[str, int] = field(default_factory=dict)  # usage key -> amount charged
+    spends: list[dict[str, Any]] = field(default_factory=list)
+    bytes_delta: int = 0  # what the changes add to the agent's stored bytes
+
+    def reset(self) -> None:
+        """Forget everything: it has been committed (a checkpoint)."""
+        self.changes, self.outbox, self.inbox, self.ctl = {}, [], [], []
+        self.charges, self.spends, self.bytes_delta = {}, [], 0
 
     def get(self, path: str) -> Entry | None:
         if path in self.changes:
@@ -41,4 +49,7 @@ class TickOverlay:
         yield from sorted(merged.items())
 
     def set(self, path: str, entry: Entry | None) -> None:
+        old = self.get(path)
+        self.bytes_delta += (0 if entry is None else len(entry.data)) - \
+            (0 if old is None else len(old.data))
         self.changes[path] = entry

@@ -15,7 +15,7 @@ import trio
 
 from . import budget, errors, state
 from .committer import CommitQueue
-from .ctl import Command, parse_agent_ctl, parse_root_ctl, quote_program
+from .ctl import TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_program
 from .identity import agent_private_key, npub_decode, npub_encode, public_key
 from .inbox import Inbox, Message, parse_lines, rfc3339_now, stamp_id
 from .journal import Journal, encode_line
@@ -93,6 +93,7 @@ class Runtime:
             ("pending", str(pending)),
             ("last", record.last or "-"),
             ("program", quote_program(record.program)),
+            ("retries", str(record.max_failures)),
         ]
         return "".join(f"{k} {v}\n" for k, v in lines).encode()
 
@@ -150,7 +151,7 @@ class Runtime:
     async def agent_ctl(self, index: int, data: bytes, tick: RunningTick | None) -> None:
         commands = parse_agent_ctl(data)
         if tick is not None:
-            self._tick_ctl(tick, commands)
+            await self._tick_ctl(tick, commands)
             return
 
         dropped: list[str] = []
@@ -175,7 +176,11 @@ class Runtime:
 
     def _apply_ctl(self, txn: Txn, record: AgentRecord, command: Command) -> None:
         verb = command.verb
-        if verb == "wake":
+        if verb in TICK_VERBS:
+            raise errors.invalid(f"ctl: {verb} is for a running tick, through $AGENT_DIR/ctl")
+        if verb == "retries":
+            record.max_failures = int(command.args[0])
+        elif verb == "wake":
             self.inbox.append(txn, record.index, {"type": "wake", "data": command.text})
             if record.status == "dormant":
                 record.status = "active"
@@ -192,8 +197,14 @@ class Runtime:
             has_work = self.inbox.first(txn, record.index) is not None
             record.status = "active" if has_work else "dormant"
 
-    def _tick_ctl(self, tick: RunningTick, commands: list[Command]) -> None:
+    async def _tick_ctl(self, tick: RunningTick, commands: list[Command]) -> None:
+        charges = dict(tick.overlay.charges)
         for command in commands:
+            if command.verb in ("charge", "spend"):
+                key = "used_daily_api_calls" if command.verb == "charge" else \
+                    "used_daily_spend_sats"
+                charges[key] = charges.get(key, 0) + int(command.args[-1])
+                self._check_charge(tick, key, charges[key])
             if command.verb == "name":
                 with self.store.read() as txn:
                     holder = self.store.index_by_name(txn, command.args[0])
@@ -204,8 +215,32 @@ class Runtime:
         for command in commands:
             if command.verb == "wake":
                 tick.overlay.inbox.append({"type": "wake", "data": command.text})
+            elif command.verb == "checkpoint":
+                await self.engine.checkpoint(tick)
+            elif command.verb in ("charge", "spend"):
+                key = "used_daily_api_calls" if command.verb == "charge" else \
+                    "used_daily_spend_sats"
+                tick.overlay.charges[key] = tick.overlay.charges.get(key, 0) + \
+                    int(command.args[-1])
+                if command.verb == "spend":
+                    tick.overlay.spends.append({"sats": int(command.args[0]),
+                                                "memo": command.text})
+            elif command.verb == "retries":
+                raise errors.invalid("ctl: retries is set from outside the agent")
             else:
                 tick.overlay.ctl.append(command)
+
+    def _check_charge(self, tick: RunningTick, key: str, pending: int) -> None:
+        """EDQUOT if what the tick charged, with what the day already used, passes the limit."""
+        with self.store.read() as txn:
+            record = self.store.require_agent(txn, tick.index)
+        budget.roll_day(record)
+        limit_key = key.replace("used_", "max_")
+        used = int(record.usage.get(key, 0))
+        most = budget.limit(record, limit_key)
+        if used + pending > most:
+            raise errors.over_quota(
+                f"{limit_key} {int(most)}: {used} used today and {pending} charged by this tick")
 
     async def inbox_write(self, index: int, data: bytes, tick: RunningTick | None) -> None:
         messages = parse_lines(data)
@@ -217,9 +252,8 @@ class Runtime:
 
         def apply(txn: Txn) -> bool:
             record = self._writable(txn, index)
-            for message in messages:
-                self.inbox.append(txn, index, message)
-            if record.status == "dormant":
+            fresh = [m for m in messages if self.inbox.append(txn, index, m) is not None]
+            if fresh and record.status == "dormant":
                 record.status = "active"
                 self.store.put_agent(txn, record)
             return record.status == "active"
@@ -256,24 +290,60 @@ class Runtime:
         if tick is not None:
             if tick.index != index:
                 raise errors.denied("a tick may only touch its own agent's state")
-            return op(tick.overlay)
+            overlay = tick.overlay
+            changes, delta = dict(overlay.changes), overlay.bytes_delta
+            result = op(overlay)
+            grew = overlay.bytes_delta - delta
+            if grew > 0:
+                try:
+                    self.check_storage(tick.record, tick.storage_base + delta, grew)
+                except errors.FsError:
+                    overlay.changes, overlay.bytes_delta = changes, delta  # nothing partial
+                    raise
+            return result
         async with self.agent_lock(index):
             return await self.commit_state(index, op)
+
+    @staticmethod
+    def check_storage(record: AgentRecord, stored: int, growth: int) -> None:
+        most = budget.limit(record, "max_storage_bytes")
+        if stored + growth > most:
+            raise errors.over_quota(
+                f"state: {growth} more bytes would pass max_storage_bytes {int(most)} "
+                f"({stored} stored)")
+
+    def warn_budget(self, txn: Txn, record: AgentRecord, now: str) -> bool:
+        """Log and queue a `budget` trigger for each resource that crossed its warning line."""
+        crossed = budget.new_warnings(record, self.storage_bytes(txn, record.index))
+        for warning in crossed:
+            self.log.append(txn, record.index, {"time": now, "event": "budget",
+                                                "warning": warning})
+            self.inbox.append(txn, record.index, {"type": "budget", **warning})
+            if record.status == "dormant":
+                record.status = "active"
+        return bool(crossed)
 
     async def commit_state(self, index: int, op: Callable[[state.StateView], T]) -> T:
         """Commit `op` on the agent's state, with its unwritten files first (lock held)."""
         unwritten = dict(self._unwritten.get(index, {}))
 
-        def apply(txn: Txn) -> T:
-            self._writable(txn, index)
+        def apply(txn: Txn) -> tuple[T, bool]:
+            record = self._writable(txn, index)
             view = state.TxnState(self.store, txn, index)
             for path, entry in unwritten.items():
                 view.set(path, entry)
             result = op(view)
+            if view.bytes_delta > 0:
+                self.check_storage(record, self.storage_bytes(txn, index), view.bytes_delta)
             self.add_storage(txn, index, view.bytes_delta)
-            return result
+            warned = self.warn_budget(txn, record, now=rfc3339_now())
+            if warned:
+                self.store.put_agent(txn, record)
+            return result, warned and record.status == "active"
 
-        result = await self.committer.commit(apply)
+        result, wake = await self.committer.commit(apply)
+        if wake:
+            self.engine.notify(index)
         pending = self._unwritten.get(index, {})
         for path, entry in unwritten.items():
             if pending.get(path) is entry:

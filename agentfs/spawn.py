@@ -31,10 +31,10 @@ class Program:
             os.close(self.pidfd)
         return self.returncode
 
-    def kill_group(self) -> None:
-        """SIGKILL to everything in the program's process group, the program included."""
+    def kill_group(self, signum: int = signal.SIGKILL) -> None:
+        """Signal everything in the program's process group, the program included."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+            os.killpg(self.pid, signum)
 
     async def aclose(self) -> None:
         for stream in (self.stdin, self.stdout, self.stderr):

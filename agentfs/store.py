@@ -10,6 +10,7 @@ Layout (named databases; an agent is its 4-byte big-endian creation index `ix`):
     outbox    ix + byte offset (8 bytes) -> one JSON line (see journal.py)
     log       ix + byte offset (8 bytes) -> one JSON line
     counters  ix + counter name -> 8-byte integer
+    seen      ix + message id -> seq: ids accepted (pending or consumed), so a retry is dropped
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from . import errors
 from .identity import npub_encode
 
 STORE_VERSION = 1
-DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters")
+DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters",
+            "seen")
 
 # Address space only: LMDB grows the file as pages are written, not to the map size.
 DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
@@ -64,6 +66,8 @@ class AgentRecord:
     limits: dict[str, float] = field(default_factory=dict)
     usage: dict[str, Any] = field(default_factory=dict)
     failures: int = 0
+    max_failures: int = 3
+    checkpoint: dict[str, Any] | None = None  # {"seq": trigger seq, "count": n} mid-tick
 
     @property
     def npub(self) -> str:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import trio
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
 
 STDERR_TAIL = 4096
 MAX_STDOUT = 16 << 20
-MAX_FAILURES = 3
+GRACE = 2.0  # seconds between SIGTERM and SIGKILL at max_tick_duration
 MAX_BACKOFF = 60.0
 
 
@@ -46,6 +49,8 @@ class RunningTick:
     started: float = field(default_factory=time.monotonic)
     pid: int | None = None
     dropped_names: list[str] = field(default_factory=list)
+    storage_base: int = 0  # the agent's stored bytes when the tick (or its checkpoint) began
+    checkpoints: int = 0
 
     @property
     def index(self) -> int:
@@ -112,6 +117,7 @@ class TickEngine:
         self._ever_ticked = False
         self._daemon_pid = os.getpid()
         self._scheduled: set[int] = set()
+        self._waiting_reset: set[int] = set()
         self._limiter = trio.CapacityLimiter(jobs)
         self._nursery: trio.Nursery | None = None
 
@@ -225,9 +231,20 @@ class TickEngine:
                 if first is None:
                     await runtime.committer.commit(lambda t: self._settle(t, index))
                 return None
+            if self._compute_spent(record):
+                await runtime.committer.commit(lambda t: self._refuse_compute(t, index))
+                self._nursery_start(self._wake_at_reset, index)
+                return None
             seq, trigger = first
+            trigger["attempt"] = record.failures + 1
+            if record.checkpoint is not None and record.checkpoint.get("seq") == seq:
+                trigger["resume"] = {"checkpoint": record.checkpoint["count"]}
             tick = RunningTick(record, record.npub, seq, trigger,
                                TickOverlay(runtime.store, index))
+            with runtime.store.read() as txn:
+                tick.storage_base = runtime.storage_bytes(txn, index)
+            tick.checkpoints = (record.checkpoint or {}).get("count", 0) \
+                if "resume" in trigger else 0
             self.running[index] = tick
             try:
                 outcome = await self._run_program(tick)
@@ -245,6 +262,42 @@ class TickEngine:
             if not outcome.ok:
                 await runtime.committer.commit(lambda t: self._fail(t, tick, outcome))
             return outcome
+
+    # -- the daily compute budget ----------------------------------------------
+
+    @staticmethod
+    def _compute_spent(record: AgentRecord) -> bool:
+        budget.roll_day(record)
+        used = float(record.usage.get("used_daily_compute", 0))
+        return used >= budget.limit(record, "max_daily_compute")
+
+    def _refuse_compute(self, txn: Txn, index: int) -> None:
+        """Say once a day that ticks wait for the reset; the triggers stay queued."""
+        record = self.runtime.store.require_agent(txn, index)
+        budget.roll_day(record)
+        if record.usage.get("compute_refused"):
+            return
+        record.usage["compute_refused"] = True
+        self.runtime.store.put_agent(txn, record)
+        reset = budget.next_reset().isoformat().replace("+00:00", "Z")
+        self.runtime.log.append(txn, index, {
+            "time": rfc3339_now(), "event": "budget",
+            "refused": f"max_daily_compute is spent: ticks wait until {reset}"})
+
+    async def _wake_at_reset(self, index: int) -> None:
+        if index in self._waiting_reset:
+            return
+        self._waiting_reset.add(index)
+        try:
+            delay = (budget.next_reset() - datetime.now(UTC)).total_seconds()
+            await trio.sleep(max(0.0, delay) + 0.01)
+        finally:
+            self._waiting_reset.discard(index)
+        self.notify(index)
+
+    def _nursery_start(self, fn: Callable[[int], Awaitable[None]], index: int) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, index)
 
     # -- running the program -------------------------------------------------
 
@@ -270,16 +323,23 @@ class TickEngine:
         self._register(tick, proc.pid)
         timed_out = False
         try:
-            with trio.move_on_after(limit) as scope:
-                async with trio.open_nursery() as nursery:
-                    if proc.stdin is not None:
-                        nursery.start_soon(_feed, proc.stdin, trigger_line)
-                    nursery.start_soon(_collect_lines, proc.stdout, stdout)
-                    nursery.start_soon(_collect_tail, proc.stderr, stderr)
+            async with trio.open_nursery() as nursery:
+                if proc.stdin is not None:
+                    nursery.start_soon(_feed, proc.stdin, trigger_line)
+                nursery.start_soon(_collect_lines, proc.stdout, stdout)
+                nursery.start_soon(_collect_tail, proc.stderr, stderr)
+                with trio.move_on_after(limit) as scope:
                     await proc.wait()
-                    # Anything the program left running would outlive the tick.
-                    proc.kill_group()
-            timed_out = scope.cancelled_caught
+                if scope.cancelled_caught:
+                    # SIGTERM first: the program may still checkpoint before it goes.
+                    timed_out = True
+                    proc.kill_group(signal.SIGTERM)
+                    with trio.move_on_after(GRACE):
+                        await proc.wait()
+                # Anything the program left running would outlive the tick.
+                proc.kill_group()
+                # A process that left the group may hold the pipes open: read on briefly.
+                nursery.cancel_scope.deadline = trio.current_time() + 0.5
         finally:
             with trio.CancelScope(shield=True):
                 proc.kill_group()
@@ -308,22 +368,22 @@ class TickEngine:
             record.status = "dormant"
             store.put_agent(txn, record)
 
-    def _commit(self, txn: Txn, tick: RunningTick, outcome: Outcome) -> None:
+    def _apply_overlay(self, txn: Txn, tick: RunningTick, record: AgentRecord,
+                       extra: list[Message], now: str) -> tuple[int, bool]:
+        """Write the tick's effects so far; returns (messages sent, asked to sleep)."""
         runtime, store, index = self.runtime, self.runtime.store, tick.index
-        record = store.require_agent(txn, index)
+        overlay = tick.overlay
         view = TxnState(store, txn, index)
-        for path, entry in tick.overlay.changes.items():
+        for path, entry in overlay.changes.items():
             view.set(path, entry)
         runtime.add_storage(txn, index, view.bytes_delta)
-        now = rfc3339_now()
-        sent = [*tick.overlay.outbox, *(reply_for(line, tick.trigger) for line in outcome.stdout)]
+        sent = [*overlay.outbox, *extra]
         for message in sent:
             runtime.outbox.append(txn, index, runtime.outgoing(message, tick.npub, now))
-        for message in tick.overlay.inbox:
+        for message in overlay.inbox:
             runtime.inbox.append(txn, index, message)
-        runtime.inbox.consume(txn, index, tick.seq)
         asleep = False
-        for command in tick.overlay.ctl:
+        for command in overlay.ctl:
             if command.verb == "name":
                 if record.name not in (None, command.args[0]):
                     tick.dropped_names.append(record.name)
@@ -335,26 +395,66 @@ class TickEngine:
             elif command.verb == "terminate":
                 record.status = "terminated"
         budget.roll_day(record)
+        for key, amount in overlay.charges.items():
+            record.usage[key] = record.usage.get(key, 0) + amount
+        if overlay.charges:
+            runtime.log.append(txn, index, {"time": now, "event": "budget",
+                                            "charged": overlay.charges,
+                                            "spends": overlay.spends})
+        return len(sent), asleep
+
+    async def checkpoint(self, tick: RunningTick) -> None:
+        """Commit what the tick wrote so far; a failure later rolls back only to here."""
+        tick.checkpoints += 1
+        count = tick.checkpoints
+
+        def apply(txn: Txn) -> None:
+            record = self.runtime.store.require_agent(txn, tick.index)
+            now = rfc3339_now()
+            sent, _asleep = self._apply_overlay(txn, tick, record, [], now)
+            record.checkpoint = {"seq": tick.seq, "count": count}
+            self.runtime.store.put_agent(txn, record)
+            self.runtime.log.append(txn, tick.index, {
+                "time": now, "event": "checkpoint", "count": count,
+                "trigger": {"id": tick.trigger.get("id"), "seq": tick.seq},
+                "state_changes": len(tick.overlay.changes), "sent": sent})
+
+        await self.runtime.committer.commit(apply)
+        tick.storage_base += tick.overlay.bytes_delta
+        tick.overlay.reset()
+        for old in tick.dropped_names:
+            await self.runtime.name_dropped(old)
+        tick.dropped_names.clear()
+
+    def _commit(self, txn: Txn, tick: RunningTick, outcome: Outcome) -> None:
+        runtime, store, index = self.runtime, self.runtime.store, tick.index
+        record = store.require_agent(txn, index)
+        now = rfc3339_now()
+        replies = [reply_for(line, tick.trigger) for line in outcome.stdout]
+        changes = len(tick.overlay.changes)
+        sent, asleep = self._apply_overlay(txn, tick, record, replies, now)
+        runtime.inbox.consume(txn, index, tick.seq)
         record.usage["used_daily_compute"] = record.usage.get("used_daily_compute", 0) + \
             outcome.duration
         record.usage["last_tick_duration"] = outcome.duration
         record.ticks += 1
         record.failures = 0
+        record.checkpoint = None
         record.last = f"{now} ok"
         if record.status == "active":  # not if put to sleep, or terminated, meanwhile
             more = runtime.inbox.first(txn, index) is not None
             record.status = "active" if more and not asleep else "dormant"
+        runtime.warn_budget(txn, record, now)
         store.put_agent(txn, record)
-        record_: dict[str, Any] = {
+        entry: dict[str, Any] = {
             "time": now, "event": "tick", "tick": record.ticks, "result": "ok",
             "trigger": {"id": tick.trigger.get("id"), "seq": tick.seq,
                         "type": tick.trigger.get("type")},
-            "duration": round(outcome.duration, 6), "state_changes": len(tick.overlay.changes),
-            "sent": len(sent),
+            "duration": round(outcome.duration, 6), "state_changes": changes, "sent": sent,
         }
         if outcome.stderr:
-            record_["stderr"] = outcome.stderr.decode("utf-8", errors="replace")
-        runtime.log.append(txn, index, record_)
+            entry["stderr"] = outcome.stderr.decode("utf-8", errors="replace")
+        runtime.log.append(txn, index, entry)
 
     def _fail(self, txn: Txn, tick: RunningTick, outcome: Outcome) -> None:
         store, index = self.runtime.store, tick.index
@@ -365,8 +465,9 @@ class TickEngine:
         record.usage["used_daily_compute"] = record.usage.get("used_daily_compute", 0) + \
             outcome.duration
         record.last = f"{now} error: {outcome.error}"
-        if record.failures >= MAX_FAILURES and record.status == "active":
+        if record.failures >= record.max_failures and record.status == "active":
             record.status = "failed"
+        self.runtime.warn_budget(txn, record, now)
         store.put_agent(txn, record)
         entry: dict[str, Any] = {
             "time": now, "event": "tick", "result": "error", "error": outcome.error,

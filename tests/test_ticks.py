@@ -112,7 +112,8 @@ printf '%s' "$AGENT_DIR" > "$AGENT_DIR/state/AGENT_DIR"
     assert stdin.endswith("\n") and stdin.count("\n") == 1
     trigger = json.loads(stdin)
     assert {k: trigger[k] for k in message} == message
-    assert set(trigger) == {*message, "id", "seq", "time"}
+    assert set(trigger) == {*message, "id", "seq", "time", "attempt"}
+    assert trigger["attempt"] == 1
     assert (agent / "state/AGENT").read_text() == npub
     assert (agent / "state/AGENT_NAME").read_text() == "alice"
     assert (agent / "state/AGENT_DIR").read_text() == f"{mount.mp.resolve()}/.tick/{npub}"

@@ -69,9 +69,10 @@ def test_ctl_status_fields(mount: Mount) -> None:
     mount.new_agent("bob", "/bin/sh", "-c", "echo 'hi there'")
     lines = (mount.mp / "alice" / "ctl").read_text().splitlines()
     assert [line.split(" ", 1)[0] for line in lines] == \
-        ["npub", "name", "status", "ticks", "pending", "last", "program"]
+        ["npub", "name", "status", "ticks", "pending", "last", "program", "retries"]
     assert mount.status("alice") == {"npub": npub, "name": "alice", "status": "dormant",
-                                     "ticks": "0", "pending": "0", "last": "-", "program": "-"}
+                                     "ticks": "0", "pending": "0", "last": "-", "program": "-",
+                                     "retries": "3"}
     assert mount.status("bob")["program"] == "/bin/sh -c 'echo '\"'\"'hi there'\"'\"''"
 
 

@@ -1,0 +1,215 @@
+"""Budgets, retries, checkpoints and idempotent delivery, through the mounted tree."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+from conftest import Mount, errno_of, wait_until, write_once
+
+
+def script(directory: Path, name: str, body: str) -> str:
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def budget(mount: Mount, name: str) -> dict[str, str]:
+    text = (mount.agent(name) / "budget").read_text()
+    return dict(line.split(" ", 1) for line in text.splitlines())
+
+
+def refusals(mount: Mount, name: str) -> list[dict[str, object]]:
+    return [r for r in mount.log(name) if r["event"] == "refused"]
+
+
+def test_storage_quota_refuses_growth_and_keeps_nothing_partial(mount: Mount) -> None:
+    mount.new_agent("alice")
+    state = mount.agent("alice") / "state"
+    write_once(mount.agent("alice") / "budget", "max_storage_bytes 100\n")
+    (state / "a").write_bytes(b"x" * 60)
+    assert errno_of(lambda: (state / "b").write_bytes(b"y" * 60)) == errno.EDQUOT
+    appending = os.O_WRONLY | os.O_APPEND
+    assert errno_of(lambda: write_once(state / "a", b"z" * 50, appending)) == errno.EDQUOT
+    assert (state / "a").read_bytes() == b"x" * 60
+    assert (state / "b").read_bytes() == b""  # created, but its write was refused whole
+    assert budget(mount, "alice")["used_storage_bytes"] == "60"
+    assert refusals(mount, "alice")[-1]["errno"] == "EDQUOT"
+    # Shrinking is always allowed, and frees room.
+    (state / "a").write_bytes(b"x" * 10)
+    (state / "b").write_bytes(b"y" * 90)
+    assert budget(mount, "alice")["used_storage_bytes"] == "100"
+
+
+def test_storage_quota_inside_a_tick(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "big.sh", """
+read -r t
+printf 'small' > "$AGENT_DIR/state/small"
+if head -c 500 /dev/zero > "$AGENT_DIR/state/big"; then echo wrote > "$1/result"
+else echo refused > "$1/result"; fi
+""")
+    mount.new_agent("alice", program, str(tmp_path))
+    write_once(mount.agent("alice") / "budget", "max_storage_bytes 100\n")
+    write_once(mount.agent("alice") / "inbox", "go\n")
+    mount.wait_ticks("alice", 1)
+    assert (tmp_path / "result").read_text() == "refused\n"
+    assert (mount.agent("alice") / "state" / "small").read_text() == "small"
+    assert budget(mount, "alice")["used_storage_bytes"] == "5"
+
+
+def test_a_failed_tick_charges_nothing(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "pay.sh", """
+read -r t
+echo "charge api 5" > "$AGENT_DIR/ctl"
+echo "spend 3" > "$AGENT_DIR/ctl"
+exit 1
+""")
+    mount.new_agent("alice", program)
+    write_once(mount.agent("alice") / "ctl", "retries 1\n")
+    write_once(mount.agent("alice") / "inbox", "go\n")
+    wait_until(lambda: mount.status("alice")["status"] == "failed")
+    used = budget(mount, "alice")
+    assert (used["used_daily_api_calls"], used["used_daily_spend_sats"]) == ("0", "0")
+    # Outside a tick these verbs are refused.
+    for verb in ("charge api 1\n", "spend 1\n", "checkpoint\n"):
+        assert errno_of(lambda v=verb: write_once(mount.agent("alice") / "ctl", v)) == \
+            errno.EINVAL
+
+
+def test_charges_and_spends_commit_with_the_tick(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "pay.sh", """
+read -r t
+echo "charge api 2" > "$AGENT_DIR/ctl"
+echo "spend 7 coffee" > "$AGENT_DIR/ctl"
+if echo "charge api 9" > "$AGENT_DIR/ctl"; then echo yes > "$1/over"; else echo no > "$1/over"; fi
+""")
+    mount.new_agent("alice", program, str(tmp_path))
+    write_once(mount.agent("alice") / "budget", "max_daily_api_calls 10\nwarning_threshold 1\n")
+    write_once(mount.agent("alice") / "inbox", "go\n")
+    mount.wait_ticks("alice", 1)
+    assert (tmp_path / "over").read_text() == "no\n"  # 2 + 9 > 10: EDQUOT
+    used = budget(mount, "alice")
+    assert (used["used_daily_api_calls"], used["used_daily_spend_sats"]) == ("2", "7")
+    charged = [r for r in mount.log("alice") if r["event"] == "budget" and "charged" in r]
+    assert charged[-1]["spends"] == [{"sats": 7, "memo": "coffee"}]
+
+
+def test_warning_threshold_queues_one_budget_trigger(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "charge.sh", """
+read -r t
+echo "$t" >> "$1/triggers"
+echo "charge api 3" > "$AGENT_DIR/ctl"
+""")
+    mount.new_agent("alice", program, str(tmp_path))
+    write_once(mount.agent("alice") / "budget", "max_daily_api_calls 100\nwarning_threshold 0.05\n")
+    write_once(mount.agent("alice") / "inbox", "one\n")
+    # 3 of 100 is under 5%; the second tick crosses it and queues a budget trigger.
+    mount.wait_ticks("alice", 1)
+    write_once(mount.agent("alice") / "inbox", "two\n")
+    mount.wait_ticks("alice", 3)
+    write_once(mount.agent("alice") / "inbox", "three\n")
+    mount.wait_ticks("alice", 4)
+    triggers = [json.loads(line) for line in (tmp_path / "triggers").read_text().splitlines()]
+    kinds = [t["type"] for t in triggers]
+    assert kinds.count("budget") == 1
+    warning = next(t for t in triggers if t["type"] == "budget")
+    assert warning["resource"] == "api_calls" and warning["limit"] == 100
+    warnings = [r for r in mount.log("alice") if r["event"] == "budget" and "warning" in r]
+    assert len(warnings) == 1
+
+
+def test_a_message_id_is_accepted_once(mount: Mount) -> None:
+    mount.new_agent("alice")
+    inbox = mount.agent("alice") / "inbox"
+    message = '{"id":"retry-1","type":"text","data":"hello"}\n'
+    assert write_once(inbox, message) == len(message)
+    assert write_once(inbox, message) == len(message)  # acknowledged, dropped
+    assert [m["id"] for m in mount.inbox("alice")] == ["retry-1"]
+    assert mount.status("alice")["pending"] == "1"
+    assert errno_of(lambda: write_once(inbox, json.dumps({"id": "x" * 300}) + "\n")) == \
+        errno.EINVAL
+
+
+def test_consumed_ids_are_remembered(mount: Mount) -> None:
+    mount.new_agent("alice", "/bin/true")
+    inbox = mount.agent("alice") / "inbox"
+    write_once(inbox, '{"id":"once"}\n')
+    mount.wait_ticks("alice", 1)
+    write_once(inbox, '{"id":"once"}\n')
+    assert mount.status("alice")["pending"] == "0"
+    assert mount.status("alice")["ticks"] == "1"
+
+
+def test_checkpoint_survives_a_failure_and_the_retry_resumes(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "steps.sh", """
+read -r t
+echo "$t" >> "$1/triggers"
+case "$t" in
+  *'"resume"'*) echo second > "$AGENT_DIR/state/step2"; exit 0 ;;
+esac
+echo first > "$AGENT_DIR/state/step1"
+echo checkpoint > "$AGENT_DIR/ctl"
+echo lost > "$AGENT_DIR/state/lost"
+exit 3
+""")
+    mount.new_agent("alice", program, str(tmp_path))
+    write_once(mount.agent("alice") / "inbox", "go\n")
+    mount.wait_ticks("alice", 1)
+    state = mount.agent("alice") / "state"
+    assert sorted(p.name for p in state.iterdir()) == ["step1", "step2"]
+    first, second = (json.loads(line) for line in (tmp_path / "triggers").read_text().split())
+    assert first["attempt"] == 1 and "resume" not in first
+    assert second["attempt"] == 2 and second["resume"] == {"checkpoint": 1}
+    events = [r["event"] for r in mount.log("alice")]
+    assert events.count("checkpoint") == 1
+
+
+def test_time_limit_sends_sigterm_first(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "slow.sh", """
+read -r t
+case "$t" in *'"attempt":1'*) ;; *) exit 0 ;; esac
+trap 'echo saved > "$AGENT_DIR/state/saved"; echo checkpoint > "$AGENT_DIR/ctl"; exit 1' TERM
+echo started > "$1/started"
+while :; do sleep 0.05; done
+""")
+    mount.new_agent("alice", program, str(tmp_path))
+    write_once(mount.agent("alice") / "budget", "max_tick_duration 500ms\n")
+    write_once(mount.agent("alice") / "inbox", "go\n")
+    mount.wait_ticks("alice", 1)
+    assert (mount.agent("alice") / "state" / "saved").read_text() == "saved\n"
+    errors = [r for r in mount.log("alice") if r.get("result") == "error"]
+    assert errors[0]["error"] == "killed after 500ms (max_tick_duration)"
+
+
+def test_daily_compute_spent_holds_triggers(mount: Mount) -> None:
+    mount.new_agent("alice", "/bin/sh", "-c", "read -r t; sleep 0.01")
+    write_once(mount.agent("alice") / "budget", "max_daily_compute 1ms\n")
+    write_once(mount.agent("alice") / "inbox", "one\n")
+    mount.wait_ticks("alice", 1)
+    write_once(mount.agent("alice") / "inbox", "two\nthree\n")
+    wait_until(lambda: any("refused" in r for r in mount.log("alice") if r["event"] == "budget"))
+    # Held: the two messages and the budget warning that the first tick's compute raised.
+    assert sorted(m["type"] for m in mount.inbox("alice")) == ["budget", "text", "text"]
+    assert mount.status("alice")["ticks"] == "1"
+    assert "next_reset" in budget(mount, "alice")
+    # Raising the limit does not wake it by itself; a new trigger does.
+    write_once(mount.agent("alice") / "budget", "max_daily_compute 1h\n")
+    write_once(mount.agent("alice") / "ctl", "wake\n")
+    mount.wait_ticks("alice", 5)
+    refused = [r for r in mount.log("alice") if r["event"] == "budget" and "refused" in r]
+    assert len(refused) == 1
+
+
+def test_retries_setting(mount: Mount) -> None:
+    mount.new_agent("alice", "/bin/false")
+    write_once(mount.agent("alice") / "ctl", "retries 1\n")
+    assert mount.status("alice")["retries"] == "1"
+    write_once(mount.agent("alice") / "inbox", "x\n")
+    wait_until(lambda: mount.status("alice")["status"] == "failed")
+    assert len([r for r in mount.log("alice") if r.get("result") == "error"]) == 1
+    for bad in ("retries 0\n", "retries x\n", "retries\n"):
+        assert errno_of(lambda bad=bad: write_once(mount.agent("alice") / "ctl", bad)) == \
+            errno.EINVAL
