@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import identity
+from .nostr import cli as nostr_cli
 from .store import AgentStore, default_store_path
 
 DEFAULT_JOBS = max(4, 4 * (os.cpu_count() or 1))
@@ -112,12 +113,14 @@ def parser() -> argparse.ArgumentParser:
                        help=f"ticks that may run at once (default {DEFAULT_JOBS})")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(run=cmd_mount)
+
+    nostr_cli.add_parser(sub)
     return p
 
 
 def _helper_form(argv: list[str]) -> list[str]:
     """`agentfs STORE MOUNTPOINT -o OPTS` (mount.fuse's convention) as a mount command."""
-    commands = {"init", "id", "mount"}
+    commands = {"init", "id", "mount", "nostr"}
     if len(argv) >= 2 and argv[0] not in commands and not argv[0].startswith("-"):
         return ["mount", "--store", argv[0], argv[1], *argv[2:]]
     return argv
