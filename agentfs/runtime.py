@@ -114,6 +114,31 @@ class Runtime:
         out["time"] = now
         return out
 
+    def deliver_locally(self, txn: Txn, message: Message, now: str) -> int | None:
+        """Append a sent message to its recipient's inbox if that is an agent here.
+
+        Runs in the sender's commit, so a message is delivered exactly when it is sent, and
+        the messages from one agent to another arrive in the order they were sent.
+        Returns the recipient, or None when the message is not for a local agent.
+        """
+        to = message.get("to")
+        index = self.resolve(txn, to) if isinstance(to, str) and to else None
+        if index is None:
+            return None
+        record = self.store.require_agent(txn, index)
+        sender = self.resolve(txn, message["from"])
+        if record.status == "terminated":
+            if sender is not None:
+                self.log.append(txn, sender, {"time": now, "event": "undelivered",
+                                              "id": message["id"], "to": to,
+                                              "error": "the recipient is terminated"})
+            return None
+        delivered = {k: v for k, v in message.items() if k not in ("seq", "time", "to")}
+        if self.inbox.append(txn, index, delivered) is not None and record.status == "dormant":
+            record.status = "active"
+            self.store.put_agent(txn, record)
+        return index
+
     def overlay_outbox_bytes(self, tick: RunningTick) -> bytes:
         return b"".join(encode_line(m) for m in tick.overlay.outbox)
 

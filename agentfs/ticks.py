@@ -51,6 +51,7 @@ class RunningTick:
     dropped_names: list[str] = field(default_factory=list)
     storage_base: int = 0  # the agent's stored bytes when the tick (or its checkpoint) began
     checkpoints: int = 0
+    delivered: set[int] = field(default_factory=set)  # local agents it sent messages to
 
     @property
     def index(self) -> int:
@@ -254,6 +255,7 @@ class TickEngine:
             if outcome.ok:
                 try:
                     await runtime.committer.commit(lambda t: self._commit(t, tick, outcome))
+                    self._notify_delivered(tick)
                     for old in tick.dropped_names:
                         await runtime.name_dropped(old)
                 except Exception as e:  # noqa: BLE001 - a commit that fails is a failed tick
@@ -262,6 +264,12 @@ class TickEngine:
             if not outcome.ok:
                 await runtime.committer.commit(lambda t: self._fail(t, tick, outcome))
             return outcome
+
+    def _notify_delivered(self, tick: RunningTick) -> None:
+        for index in tick.delivered:
+            if index != tick.index:
+                self.notify(index)
+        tick.delivered.clear()
 
     # -- the daily compute budget ----------------------------------------------
 
@@ -379,7 +387,11 @@ class TickEngine:
         runtime.add_storage(txn, index, view.bytes_delta)
         sent = [*overlay.outbox, *extra]
         for message in sent:
-            runtime.outbox.append(txn, index, runtime.outgoing(message, tick.npub, now))
+            outgoing = runtime.outgoing(message, tick.npub, now)
+            runtime.outbox.append(txn, index, outgoing)
+            delivered = runtime.deliver_locally(txn, outgoing, now)
+            if delivered is not None:
+                tick.delivered.add(delivered)
         for message in overlay.inbox:
             runtime.inbox.append(txn, index, message)
         asleep = False
@@ -420,6 +432,7 @@ class TickEngine:
                 "state_changes": len(tick.overlay.changes), "sent": sent})
 
         await self.runtime.committer.commit(apply)
+        self._notify_delivered(tick)
         tick.storage_base += tick.overlay.bytes_delta
         tick.overlay.reset()
         for old in tick.dropped_names:

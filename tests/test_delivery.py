@@ -1,0 +1,70 @@
+"""Local delivery: what a tick sends to an agent on this mount lands in its inbox at commit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import Mount, write_once
+
+
+def script(directory: Path, name: str, body: str) -> str:
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_messages_arrive_once_in_order_with_the_commit(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "send.sh", """
+read -r t
+n=$(printf '%s' "$t" | sed 's/.*"data":"\\([0-9]*\\)".*/\\1/')
+for k in 1 2 3; do
+  printf '{"to":"bob","type":"count","data":"%s.%s"}\\n' "$n" "$k" >> "$AGENT_DIR/outbox"
+done
+[ "$n" = 2 ] && exit 1  # this tick's messages must never arrive
+true
+""")
+    alice = mount.new_agent("alice", program)
+    bob = mount.new_agent("bob")  # no program: its triggers stay pending for us to read
+    write_once(mount.agent("alice") / "ctl", "retries 1\n")
+    for n in (1, 2):
+        write_once(mount.agent("alice") / "inbox", f'{{"type":"text","data":"{n}"}}\n')
+    mount.wait_ticks("alice", 1)
+    inbox = mount.inbox("bob")
+    assert [m["data"] for m in inbox] == ["1.1", "1.2", "1.3"]
+    assert all(m["from"] == alice and m["type"] == "count" for m in inbox)
+    assert [m["seq"] for m in inbox] == [1, 2, 3]
+    sent = mount.outbox("alice")
+    assert [m["id"] for m in sent] == [m["id"] for m in inbox]
+    assert all(m["to"] == "bob" for m in sent)
+    assert mount.status("bob")["pending"] == "3"
+    assert bob != alice
+
+
+def test_replies_reach_a_local_sender_and_wake_it(mount: Mount, tmp_path: Path) -> None:
+    # bob answers every trigger on stdout; alice records what she hears and stays quiet.
+    heard = tmp_path / "heard"
+    alice = mount.new_agent("alice", "/bin/sh", "-c", f"cat >> {heard}")
+    mount.new_agent("bob", "/bin/sh", "-c", "read -r t; echo pong")
+    write_once(mount.agent("bob") / "inbox", f'{{"from":"{alice}","data":"ping"}}\n')
+    mount.wait_ticks("bob", 1)
+    mount.wait_ticks("alice", 1)
+    assert '"data":"pong"' in heard.read_text()
+    assert mount.outbox("bob")[0]["to"] == alice
+
+
+def test_undeliverable_messages_stay_in_the_outbox(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "send.sh", """
+read -r t
+echo '{"to":"carol","data":"to a terminated agent"}' >> "$AGENT_DIR/outbox"
+echo '{"to":"nobody-here","data":"for the plumber"}' >> "$AGENT_DIR/outbox"
+""")
+    mount.new_agent("alice", program)
+    mount.new_agent("carol")
+    write_once(mount.agent("carol") / "ctl", "terminate\n")
+    write_once(mount.agent("alice") / "inbox", "go\n")
+    mount.wait_ticks("alice", 1)
+    assert mount.status("carol")["pending"] == "0"
+    assert [m["to"] for m in mount.outbox("alice")] == ["carol", "nobody-here"]
+    undelivered = [r for r in mount.log("alice") if r["event"] == "undelivered"]
+    assert [r["to"] for r in undelivered] == ["carol"]
