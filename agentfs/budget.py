@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -13,8 +15,8 @@ from .units import format_duration, parse_duration, parse_size
 
 
 def _count(text: str) -> float:
-    if not text.strip().isdigit():
-        raise errors.invalid(f"count {text!r}: not a whole number")
+    if not re.fullmatch(r"[0-9]{1,15}", text.strip(), re.ASCII):
+        raise errors.invalid(f"count {text[:40]!r}: not a whole number of at most 15 digits")
     return float(int(text))
 
 
@@ -22,8 +24,8 @@ def _fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise errors.invalid(f"threshold {text!r}: not a number") from None
-    if not 0 < value <= 1:
+        raise errors.invalid(f"threshold {text[:40]!r}: not a number") from None
+    if not math.isfinite(value) or not 0 < value <= 1:
         raise errors.invalid(f"threshold {text!r}: must be above 0 and at most 1")
     return value
 

@@ -48,7 +48,7 @@ TICK_VERBS = {"checkpoint", "charge", "spend"}
 
 
 def _positive(text: str, what: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not re.fullmatch(r"[0-9]{1,15}", text, re.ASCII) or int(text) < 1:
         raise errors.invalid(f"ctl: {what} must be a whole number of at least 1, not {text!r}")
     return int(text)
 
@@ -58,6 +58,8 @@ def _lines(data: bytes, what: str) -> list[str]:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise errors.invalid(f"{what}: not UTF-8 text") from None
+    if "\0" in text:
+        raise errors.invalid(f"{what}: a NUL byte in a command")
     return [line for line in text.splitlines() if line.strip()]
 
 

@@ -45,10 +45,6 @@ def denied(why: str) -> FsError:
     return FsError(errno.EACCES, why)
 
 
-def cross_device(why: str) -> FsError:
-    return FsError(errno.EXDEV, why)
-
-
 def over_quota(why: str) -> FsError:
     return FsError(errno.EDQUOT, why)
 

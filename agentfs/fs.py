@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
@@ -32,6 +35,9 @@ from .tree import (
     Kind,
     Node,
 )
+
+T = TypeVar("T")
+log = logging.getLogger("agentfs")
 
 # Directories and files of the fixed tree never move and their attributes do not change
 # (but for journal sizes), so the kernel may cache them.  Access is still checked at every
@@ -191,10 +197,6 @@ class AgentFs(pyfuse3.Operations):
             record = self.runtime.store.require_agent(txn, node.index)
         return record.npub.encode()
 
-    def _journal(self, node: Node) -> tuple[int, object]:
-        journal = self.runtime.outbox if node.kind is Kind.OUTBOX else self.runtime.log
-        return node.index, journal
-
     def _journal_size(self, node: Node, tick: RunningTick | None) -> int:
         journal = self.runtime.outbox if node.kind is Kind.OUTBOX else self.runtime.log
         with self.runtime.store.read() as txn:
@@ -202,9 +204,6 @@ class AgentFs(pyfuse3.Operations):
         if tick is not None and node.kind is Kind.OUTBOX:
             size += len(self.runtime.overlay_outbox_bytes(tick))
         return size
-
-    def _view_tick(self, node: Node) -> RunningTick | None:
-        return self.runtime.engine.running.get(node.index) if node.tick else None
 
     # -- names -------------------------------------------------------------------
 
@@ -238,8 +237,9 @@ class AgentFs(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
-        child = self._child(parent, os.fsdecode(name))
-        tick = await self._check(child, ctx, write=False, what=f"lookup {os.fsdecode(name)}")
+        text = _name(name, errno.ENOENT)  # a name that is not UTF-8 names nothing here
+        child = self._child(parent, text)
+        tick = await self._check(child, ctx, write=False, what=f"lookup {text}")
         attrs = self._attrs(child, 0, tick)  # raises ENOENT before an inode is spent
         attrs.st_ino = self.inodes.inode(child)
         return attrs
@@ -357,7 +357,7 @@ class AgentFs(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if parent.kind is not Kind.STATE:
             raise pyfuse3.FUSEError(errno.EACCES if parent.kind is not Kind.ROOT else errno.EPERM)
-        return parent.child_state(os.fsdecode(name))
+        return parent.child_state(_name(name, errno.EINVAL))
 
     # -- files -----------------------------------------------------------------
 
@@ -436,15 +436,15 @@ class AgentFs(pyfuse3.Operations):
             return reply
         if handle.content is None or off == 0:
             async with self._refusals(node, f"read {kind.value}", log=False):
-                handle.content = self._generate(node)
+                handle.content = self._generate(node, tick)
         return handle.content[off:off + size]
 
-    def _generate(self, node: Node) -> bytes:
+    def _generate(self, node: Node, tick: RunningTick | None) -> bytes:
         if node.kind is Kind.CTL:
-            return self.runtime.ctl_text(node.index)
+            return self.runtime.ctl_text(node.index, tick)
         if node.kind is Kind.BUDGET:
             return self.runtime.budget_text(node.index)
-        return self.runtime.inbox_text(node.index)
+        return self.runtime.inbox_text(node.index, tick)
 
     def _read_journal(self, node: Node, tick: RunningTick | None, off: int, size: int) -> bytes:
         journal = self.runtime.outbox if node.kind is Kind.OUTBOX else self.runtime.log
@@ -474,12 +474,12 @@ class AgentFs(pyfuse3.Operations):
             elif kind is Kind.BUDGET:
                 await runtime.budget_write(node.index, buf, tick)
             elif kind in (Kind.INBOX, Kind.OUTBOX):
-                handle.partial += buf
-                end = handle.partial.rfind(b"\n") + 1
+                # A refused write leaves the buffered partial line as it was.
+                buffered = bytes(handle.partial) + buf
+                end = buffered.rfind(b"\n") + 1
                 if end:
-                    complete = bytes(handle.partial[:end])
-                    del handle.partial[:end]
-                    await self._deliver(handle, complete)
+                    await self._deliver(handle, buffered[:end])
+                handle.partial = bytearray(buffered[end:])
             else:
                 raise errors.denied(f"{kind.value}: read-only")
         return len(buf)
@@ -515,6 +515,38 @@ class AgentFs(pyfuse3.Operations):
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return True
+
+
+def _name(name: bytes, code: int) -> str:
+    """A file name as text: names are UTF-8 (they are LMDB keys and JSON in the log)."""
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise pyfuse3.FUSEError(code) from None
+
+
+def _guarded(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """An unexpected exception in a handler becomes EIO: a bug must not end the mount."""
+
+    @functools.wraps(handler)
+    async def guarded(*args: Any) -> T:
+        try:
+            return await handler(*args)
+        except (pyfuse3.FUSEError, trio.Cancelled):
+            raise
+        except errors.FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded
+
+
+for _op in ("lookup", "getattr", "readlink", "statfs", "opendir", "readdir", "mkdir", "rmdir",
+            "unlink", "rename", "open", "create", "setattr", "read", "write", "flush", "release",
+            "fsync", "forget", "releasedir"):
+    setattr(AgentFs, _op, _guarded(getattr(AgentFs, _op)))
 
 
 def _write(view: state.StateView, path: str, off: int, data: bytes, append: bool) -> None:

@@ -7,6 +7,7 @@ tick goes to that tick's overlay instead.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -80,11 +81,18 @@ class Runtime:
             txn.put(agent_key(index) + b"storage-bytes", value.to_bytes(8, "big", signed=True),
                     db=self.store.db["counters"])
 
-    def ctl_text(self, index: int) -> bytes:
+    def ctl_text(self, index: int, tick: RunningTick | None = None) -> bytes:
         with self.store.read() as txn:
             record = self.store.require_agent(txn, index)
             pending = self.inbox.count(txn, index)
         status = "active" if index in self.engine.running else record.status
+        if tick is not None:  # the tick sees its own uncommitted ctl and inbox writes
+            pending += len(tick.overlay.inbox)
+            for command in tick.overlay.ctl:
+                if command.verb == "name":
+                    record.name = command.args[0]
+                elif command.verb == "program":
+                    record.program = list(command.args)
         lines = [
             ("npub", record.npub),
             ("name", record.name or "-"),
@@ -102,9 +110,12 @@ class Runtime:
             record = self.store.require_agent(txn, index)
             return budget.render(record, self.storage_bytes(txn, index)).encode()
 
-    def inbox_text(self, index: int) -> bytes:
+    def inbox_text(self, index: int, tick: RunningTick | None = None) -> bytes:
         with self.store.read() as txn:
-            return b"".join(raw + b"\n" for _seq, raw in self.inbox.pending(txn, index))
+            text = b"".join(raw + b"\n" for _seq, raw in self.inbox.pending(txn, index))
+        if tick is not None:  # queued by the tick, stamped when it commits
+            text += b"".join(encode_line(m) for m in tick.overlay.inbox)
+        return text
 
     def outgoing(self, message: Message, npub: str, now: str) -> Message:
         out = dict(message)
@@ -176,6 +187,7 @@ class Runtime:
     async def agent_ctl(self, index: int, data: bytes, tick: RunningTick | None) -> None:
         commands = parse_agent_ctl(data)
         if tick is not None:
+            _live(tick)
             await self._tick_ctl(tick, commands)
             return
 
@@ -272,6 +284,7 @@ class Runtime:
         if not messages:
             return
         if tick is not None:
+            _live(tick)
             tick.overlay.inbox.extend(messages)
             return
 
@@ -290,6 +303,7 @@ class Runtime:
         if tick is None:
             raise errors.denied(
                 "outbox: only the agent's own ticks append to it, through $AGENT_DIR/outbox")
+        _live(tick)
         tick.overlay.outbox.extend(parse_lines(data, "outbox"))
 
     async def budget_write(self, index: int, data: bytes, tick: RunningTick | None) -> None:
@@ -315,6 +329,7 @@ class Runtime:
         if tick is not None:
             if tick.index != index:
                 raise errors.denied("a tick may only touch its own agent's state")
+            _live(tick)
             overlay = tick.overlay
             changes, delta = dict(overlay.changes), overlay.bytes_delta
             result = op(overlay)
@@ -433,6 +448,11 @@ class Runtime:
         await self.committer.commit(apply)
 
 
+def _live(tick: RunningTick) -> None:
+    if tick.finished:
+        raise errors.FsError(errno.EBADF, "the tick this file was opened in has ended")
+
+
 class _UnwrittenView:
     """Committed state with the unwritten files over it; `set` records an unwritten file."""
 
@@ -470,8 +490,6 @@ def _describe(command: Command) -> str:
 
 
 def _errno_name(code: int) -> str:
-    import errno as errno_module
-
-    return errno_module.errorcode.get(code, str(code))
+    return errno.errorcode.get(code, str(code))
 
 

@@ -18,6 +18,7 @@ import trio
 class Program:
     pid: int
     stdin: trio.lowlevel.FdStream | None  # None: the input was written whole at spawn
+    stdin_sent: int  # how much of the input was written at spawn
     stdout: trio.lowlevel.FdStream
     stderr: trio.lowlevel.FdStream
     pidfd: int
@@ -67,14 +68,22 @@ def spawn(argv: list[str], env: dict[str, str], stdin: bytes = b"") -> Program:
     for fd in child_ends:
         os.close(fd)
     stdin_stream: trio.lowlevel.FdStream | None = None
-    if len(stdin) <= PIPE_CAPACITY:
-        os.write(pipes[0][1], stdin)
-        os.close(pipes[0][1])
+    writer = pipes[0][1]
+    os.set_blocking(writer, False)
+    try:
+        written = os.write(writer, stdin) if stdin else 0
+    except BlockingIOError:
+        written = 0
+    except BrokenPipeError:
+        written = len(stdin)  # the program exited without reading its input: its choice
+    if written < len(stdin):
+        stdin_stream = trio.lowlevel.FdStream(writer)  # the caller feeds the rest
     else:
-        stdin_stream = trio.lowlevel.FdStream(pipes[0][1])
+        os.close(writer)
     return Program(
         pid,
         stdin_stream,
+        written,
         trio.lowlevel.FdStream(pipes[1][0]),
         trio.lowlevel.FdStream(pipes[2][0]),
         os.pidfd_open(pid),

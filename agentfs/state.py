@@ -105,11 +105,6 @@ class TxnState:
                 yield from self.descendants(child)
 
 
-def stored_bytes(store: AgentStore, txn: Txn, index: int) -> int:
-    view = TxnState(store, txn, index)
-    return sum(len(e.data) for _p, e in view.descendants(""))
-
-
 # -- operations, shared by committed and overlay views ---------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import time
@@ -31,9 +32,12 @@ from .units import format_duration
 if TYPE_CHECKING:
     from .runtime import Runtime
 
+log = logging.getLogger("agentfs")
+
 STDERR_TAIL = 4096
 MAX_STDOUT = 16 << 20
 GRACE = 2.0  # seconds between SIGTERM and SIGKILL at max_tick_duration
+SWEEP_INTERVAL = 2.0  # seconds between sweeps for processes that ticks left behind
 MAX_BACKOFF = 60.0
 
 
@@ -52,6 +56,7 @@ class RunningTick:
     storage_base: int = 0  # the agent's stored bytes when the tick (or its checkpoint) began
     checkpoints: int = 0
     delivered: set[int] = field(default_factory=set)  # local agents it sent messages to
+    finished: bool = False  # its program ended: its overlay is frozen for the commit
 
     @property
     def index(self) -> int:
@@ -119,6 +124,7 @@ class TickEngine:
         self._daemon_pid = os.getpid()
         self._scheduled: set[int] = set()
         self._waiting_reset: set[int] = set()
+        self._zombies: set[int] = set()
         self._limiter = trio.CapacityLimiter(jobs)
         self._nursery: trio.Nursery | None = None
 
@@ -169,26 +175,46 @@ class TickEngine:
             self._ever_ticked = True
         elif tick.pid is not None:
             self._sessions.pop(tick.pid, None)
-            self._reap_orphans()
 
     def _reap_orphans(self) -> None:
-        """Collect the exit status of processes that ticks left behind (we are their reaper)."""
+        """Kill and collect what ticks left behind: as subreaper, the daemon inherits it.
+
+        The daemon's only children are tick programs, which their own tasks wait for; any
+        other child is a leftover of a finished tick.
+        """
         programs = {t.pid for t in self._sessions.values()}
-        while True:
+        try:
+            entries = os.listdir("/proc")
+        except OSError:
+            return
+        for name in entries:
+            if not name.isdigit() or int(name) in programs:
+                continue
+            stat = proc_stat(int(name))
+            if stat is not None and stat.ppid == self._daemon_pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(name), signal.SIGKILL)
+                self._zombies.add(int(name))
+        for pid in list(self._zombies):
             try:
-                child = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                done, _status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                return
-            if child is None or child.si_pid in programs or child.si_pid == 0:
-                return  # a running tick's program is waited for by its own task
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(child.si_pid, 0)
+                done = pid
+            if done:
+                self._zombies.discard(pid)
+
+    async def _sweep(self) -> None:
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            if self._ever_ticked:
+                self._reap_orphans()
 
     # -- scheduling ----------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._sweep)
             store, inbox = self.runtime.store, self.runtime.inbox
             with store.read() as txn:
                 for index in inbox.agents_with_pending(txn):
@@ -207,7 +233,12 @@ class TickEngine:
         try:
             while True:
                 async with self._limiter:
-                    outcome = await self._tick_once(index)
+                    try:
+                        outcome = await self._tick_once(index)
+                    except Exception:
+                        # A bug must not end the engine (and the mount) with it.
+                        log.exception("agent %d: tick engine error", index)
+                        return
                 if outcome is None:
                     return
                 if not outcome.ok:
@@ -250,6 +281,7 @@ class TickEngine:
             try:
                 outcome = await self._run_program(tick)
             finally:
+                tick.finished = True
                 del self.running[index]
                 self._register(tick, None)
             if outcome.ok:
@@ -328,12 +360,14 @@ class TickEngine:
             proc = spawn(record.program, self._environment(tick), trigger_line)
         except OSError as e:
             return Outcome(False, f"cannot start program: {e.strerror}: {record.program[0]}")
+        except ValueError as e:
+            return Outcome(False, f"cannot start program: {e}")
         self._register(tick, proc.pid)
         timed_out = False
         try:
             async with trio.open_nursery() as nursery:
                 if proc.stdin is not None:
-                    nursery.start_soon(_feed, proc.stdin, trigger_line)
+                    nursery.start_soon(_feed, proc.stdin, trigger_line[proc.stdin_sent:])
                 nursery.start_soon(_collect_lines, proc.stdout, stdout)
                 nursery.start_soon(_collect_tail, proc.stderr, stderr)
                 with trio.move_on_after(limit) as scope:
@@ -442,6 +476,8 @@ class TickEngine:
     def _commit(self, txn: Txn, tick: RunningTick, outcome: Outcome) -> None:
         runtime, store, index = self.runtime, self.runtime.store, tick.index
         record = store.require_agent(txn, index)
+        if record.status == "terminated":
+            raise errors.denied("the agent was terminated while the tick ran")
         now = rfc3339_now()
         replies = [reply_for(line, tick.trigger) for line in outcome.stdout]
         changes = len(tick.overlay.changes)

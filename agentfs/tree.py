@@ -46,8 +46,6 @@ AGENT_FILES = (
 AGENT_FILE_BY_NAME = {f.name: f for f in AGENT_FILES}
 SERVED_BY_KIND = {f.kind: f for f in (*ROOT_FILES, *AGENT_FILES)}
 
-# Files whose content is made when read, so their size is not known in advance.
-GENERATED = {Kind.ROOT_CTL, Kind.CTL, Kind.INBOX, Kind.BUDGET}
 JOURNALS = {Kind.OUTBOX, Kind.LOG}
 
 
@@ -95,9 +93,6 @@ class InodeTable:
             self._by_inode[inode] = node
         self._lookups[inode] = self._lookups.get(inode, 0) + 1
         return inode
-
-    def peek(self, node: Node) -> int | None:
-        return self._by_node.get(node)
 
     def node(self, inode: int) -> Node | None:
         return self._by_inode.get(inode)

@@ -6,7 +6,9 @@ import re
 
 from . import errors
 
-_NUMBER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_NUMBER = re.compile(r"^\s*([0-9]{1,18}(?:\.[0-9]{1,9})?)\s*([A-Za-z]*)\s*$", re.ASCII)
+MAX_DURATION = 100 * 365 * 86400.0  # a century: anything longer is a mistake
+MAX_SIZE = 1 << 62
 
 DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 SIZE_UNITS = {
@@ -19,7 +21,8 @@ SIZE_UNITS = {
 def _split(text: str, what: str) -> tuple[float, str]:
     m = _NUMBER.match(text)
     if m is None:
-        raise errors.invalid(f"{what} {text!r}: not a number with an optional unit")
+        raise errors.invalid(
+            f"{what} {text[:40]!r}: not a number (at most 18 digits) with an optional unit")
     return float(m.group(1)), m.group(2)
 
 
@@ -28,7 +31,10 @@ def parse_duration(text: str) -> float:
     value, unit = _split(text, "duration")
     if unit not in DURATION_UNITS:
         raise errors.invalid(f"duration {text!r}: unit {unit!r} is not one of ms s m h d")
-    return value * DURATION_UNITS[unit]
+    seconds = value * DURATION_UNITS[unit]
+    if seconds > MAX_DURATION:
+        raise errors.invalid(f"duration {text!r}: longer than a century")
+    return seconds
 
 
 def parse_size(text: str) -> int:
@@ -39,6 +45,8 @@ def parse_size(text: str) -> int:
         raise errors.invalid(
             f"size {text!r}: unit {unit!r} is not one of B KB MB GB TB KiB MiB GiB TiB")
     size = value * factor
+    if size > MAX_SIZE:
+        raise errors.invalid(f"size {text!r}: larger than 2^62 bytes")
     if size != int(size):
         raise errors.invalid(f"size {text!r}: not a whole number of bytes")
     return int(size)

@@ -465,3 +465,16 @@ echo "reply from $AGENT_NAME"
         assert (mount.agent(name) / "state/done").read_text() == f"{name}\n"
         assert [m["data"] for m in mount.outbox(name)] == [f"reply from {name}"]
         assert mount.status(name)["pending"] == "0"
+
+
+def test_processes_a_tick_leaves_behind_are_killed(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "leave.sh", """
+read -r t
+( setsid sh -c 'echo $$ > "$1/pid"; exec sleep 1000' sh "$1" & )
+while [ ! -s "$1/pid" ]; do :; done
+""")
+    mount.new_agent("alice", program, str(tmp_path))
+    write_once(mount.agent("alice") / "inbox", "go\n")
+    mount.wait_ticks("alice", 1)
+    pid = int((tmp_path / "pid").read_text())
+    wait_until(lambda: not pid_alive(pid), timeout=10)
