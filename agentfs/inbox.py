@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import errors
-from .store import AgentStore, Txn, agent_key
+from .store import AgentStore, Txn, agent_key, scan_prefix
 
 Message = dict[str, Any]
 MAX_ID = 256  # bytes; ids are keys of the `seen` table
@@ -81,15 +81,8 @@ class Inbox:
         return stored
 
     def pending(self, txn: Txn, index: int) -> Iterator[tuple[int, bytes]]:
-        prefix = agent_key(index)
-        cursor = txn.cursor(db=self.db)
-        if not cursor.set_range(prefix):
-            return
-        for key, raw in cursor:
-            key = bytes(key)
-            if not key.startswith(prefix):
-                return
-            yield int.from_bytes(key[4:], "big"), bytes(raw)
+        for seq, raw in scan_prefix(txn, self.db, agent_key(index)):
+            yield int.from_bytes(seq, "big"), raw
 
     def first(self, txn: Txn, index: int) -> tuple[int, Message] | None:
         for seq, raw in self.pending(txn, index):

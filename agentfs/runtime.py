@@ -199,7 +199,7 @@ class Runtime:
             for command in commands:
                 if command.verb == "name" and record.name not in (None, command.args[0]):
                     dropped.append(record.name)
-                self._apply_ctl(txn, record, command)
+                self.apply_ctl(txn, record, command)
                 self.log.append(txn, index, {"time": now, "event": "ctl",
                                              "command": _describe(command)})
             self.store.put_agent(txn, record)
@@ -211,7 +211,8 @@ class Runtime:
         if active:
             self.engine.notify(index)
 
-    def _apply_ctl(self, txn: Txn, record: AgentRecord, command: Command) -> None:
+    def apply_ctl(self, txn: Txn, record: AgentRecord, command: Command) -> None:
+        """One ctl command, from outside or from a committing tick (which handles sleep)."""
         verb = command.verb
         if verb in TICK_VERBS:
             raise errors.invalid(f"ctl: {verb} is for a running tick, through $AGENT_DIR/ctl")

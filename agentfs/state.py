@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
 from . import errors
-from .store import AgentStore, Txn, agent_key
+from .store import AgentStore, Txn, agent_key, scan_prefix
 
 MAX_NAME = 255
 _FILE, _DIR = b"f", b"d"
@@ -76,14 +76,8 @@ class TxnState:
 
     def children(self, path: str) -> Iterator[tuple[str, Entry]]:
         prefix = agent_key(self.index) + path.encode() + b"\0"
-        cursor = self.txn.cursor(db=self.db)
-        if not cursor.set_range(prefix):
-            return
-        for key, raw in cursor:
-            key = bytes(key)
-            if not key.startswith(prefix):
-                return
-            yield key[len(prefix):].decode(), Entry.decode(raw)
+        for name, raw in scan_prefix(self.txn, self.db, prefix):
+            yield name.decode(), Entry.decode(raw)
 
     def set(self, path: str, entry: Entry | None) -> None:
         key = state_key(self.index, path)

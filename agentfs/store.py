@@ -44,6 +44,18 @@ def agent_key(index: int) -> bytes:
     return index.to_bytes(4, "big")
 
 
+def scan_prefix(txn: Txn, db: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key after `prefix`, value) whose key starts with `prefix`, in key order."""
+    cursor = txn.cursor(db=db)
+    if not cursor.set_range(prefix):
+        return
+    for key, value in cursor:
+        key = bytes(key)
+        if not key.startswith(prefix):
+            return
+        yield key[len(prefix):], bytes(value)
+
+
 def default_store_path() -> Path:
     if env := os.environ.get("AGENTFS_STORE"):
         return Path(env)

@@ -430,16 +430,12 @@ class TickEngine:
             runtime.inbox.append(txn, index, message)
         asleep = False
         for command in overlay.ctl:
-            if command.verb == "name":
-                if record.name not in (None, command.args[0]):
-                    tick.dropped_names.append(record.name)
-                store.set_name(txn, record, command.args[0])
-            elif command.verb == "program":
-                record.program = list(command.args)
-            elif command.verb == "sleep":
-                asleep = True
-            elif command.verb == "terminate":
-                record.status = "terminated"
+            if command.verb == "sleep":
+                asleep = True  # takes effect once the tick's commit has settled the status
+                continue
+            if command.verb == "name" and record.name not in (None, command.args[0]):
+                tick.dropped_names.append(record.name)
+            runtime.apply_ctl(txn, record, command)
         budget.roll_day(record)
         for key, amount in overlay.charges.items():
             record.usage[key] = record.usage.get(key, 0) + amount
