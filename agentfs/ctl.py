@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from . import errors
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
-RESERVED_NAMES = {"ctl"}
+RESERVED_NAMES = {"ctl", "plumb"}
 
 
 def check_name(name: str) -> str:

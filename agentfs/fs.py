@@ -29,6 +29,8 @@ from .tree import (
     AGENT_FILE_BY_NAME,
     AGENT_FILES,
     JOURNALS,
+    PLUMB_FILES,
+    PORT_MODE,
     ROOT_FILES,
     SERVED_BY_KIND,
     InodeTable,
@@ -37,7 +39,7 @@ from .tree import (
 )
 
 T = TypeVar("T")
-log = logging.getLogger("agentfs")
+logger = logging.getLogger("agentfs")
 
 # Directories and files of the fixed tree never move and their attributes do not change
 # (but for journal sizes), so the kernel may cache them.  Access is still checked at every
@@ -115,6 +117,8 @@ class AgentFs(pyfuse3.Operations):
         except errors.FsError as e:
             if log and node.index >= 0:
                 await self.runtime.refused(node.index, what, e)
+            elif log:
+                logger.info("refused %s: %s", what, e.message)  # no agent's log to say it in
             raise pyfuse3.FUSEError(e.errno) from None
 
     async def _check(self, node: Node, ctx: pyfuse3.RequestContext, write: bool,
@@ -154,8 +158,11 @@ class AgentFs(pyfuse3.Operations):
         attrs.entry_timeout = attrs.attr_timeout = 0.0
         mtime = self._mounted_ns
         kind = node.kind
-        if kind in (Kind.ROOT, Kind.TICKS, Kind.AGENT):
-            attrs.st_mode = stat.S_IFDIR | (0o755 if kind is Kind.ROOT else 0o700)
+        if kind is Kind.PORT:
+            attrs.st_mode = PORT_MODE
+            attrs.st_nlink = 1
+        elif kind in (Kind.ROOT, Kind.TICKS, Kind.AGENT, Kind.PLUMB):
+            attrs.st_mode = stat.S_IFDIR | (0o755 if kind in (Kind.ROOT, Kind.PLUMB) else 0o700)
             attrs.st_nlink = 2
             attrs.entry_timeout = attrs.attr_timeout = STABLE_TIMEOUT
         elif kind is Kind.LINK:
@@ -225,6 +232,13 @@ class AgentFs(pyfuse3.Operations):
             if index is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return Node(Kind.AGENT, index, tick=True)
+        if parent.kind is Kind.PLUMB:
+            for served in PLUMB_FILES:
+                if served.name == name:
+                    return Node(served.kind)
+            if name in self.runtime.plumbing.ports():
+                return Node(Kind.PORT, path=name)
+            raise pyfuse3.FUSEError(errno.ENOENT)
         if parent.kind is Kind.AGENT:
             file = AGENT_FILE_BY_NAME.get(name)
             if file is None:
@@ -283,6 +297,9 @@ class AgentFs(pyfuse3.Operations):
                         entries.append((record.name, Node(Kind.LINK, record.index)))
         elif node.kind is Kind.AGENT:
             entries = [(f.name, Node(f.kind, node.index, tick=node.tick)) for f in AGENT_FILES]
+        elif node.kind is Kind.PLUMB:
+            entries = [(f.name, Node(f.kind)) for f in PLUMB_FILES]
+            entries += [(p, Node(Kind.PORT, path=p)) for p in self.runtime.plumbing.ports()]
         elif node.kind is Kind.STATE:
             entry = self.runtime.state_read(node.index, tick, node.path)
             if entry is None:
@@ -429,6 +446,15 @@ class AgentFs(pyfuse3.Operations):
             return entry.data[off:off + size]
         if kind in JOURNALS:
             return self._read_journal(node, tick, off, size)
+        if kind is Kind.PLUMB_SEND:
+            return b""
+        if kind is Kind.PORT:
+            # One message a read (or several reads of a long one); waits until one is queued.
+            if not handle.replies:
+                handle.replies = bytearray(await self.runtime.plumbing.take(node.path, fh))
+            chunk = bytes(handle.replies[:size])
+            del handle.replies[:size]
+            return chunk
         if kind is Kind.ROOT_CTL:
             # The fd's offset has moved past what was written; replies are read in order.
             reply = bytes(handle.replies[:size])
@@ -444,6 +470,8 @@ class AgentFs(pyfuse3.Operations):
             return self.runtime.ctl_text(node.index, tick)
         if node.kind is Kind.BUDGET:
             return self.runtime.budget_text(node.index)
+        if node.kind is Kind.PLUMB_RULES:
+            return self.runtime.plumbing.rules_text()
         return self.runtime.inbox_text(node.index, tick)
 
     def _read_journal(self, node: Node, tick: RunningTick | None, off: int, size: int) -> bytes:
@@ -473,6 +501,17 @@ class AgentFs(pyfuse3.Operations):
                 await runtime.agent_ctl(node.index, buf, tick)
             elif kind is Kind.BUDGET:
                 await runtime.budget_write(node.index, buf, tick)
+            elif kind is Kind.PLUMB_RULES:
+                # The new rules take effect as a whole at close; a text that ends a line is
+                # checked at once, so that the writer hears of a syntax error from write(2).
+                text = bytes(handle.partial) + buf
+                if text.endswith(b"\n"):
+                    runtime.plumbing.check_rules(text)
+                handle.partial = bytearray(text)
+            elif kind is Kind.PLUMB_SEND:
+                await runtime.plumbing.send(buf)
+            elif kind is Kind.PORT:
+                await runtime.plumbing.ack(node.path, buf, fh)
             elif kind in (Kind.INBOX, Kind.OUTBOX):
                 # A refused write leaves the buffered partial line as it was.
                 buffered = bytes(handle.partial) + buf
@@ -500,7 +539,10 @@ class AgentFs(pyfuse3.Operations):
             rest = bytes(handle.partial)
             handle.partial.clear()
             async with self._refusals(handle.node, f"write {handle.node.kind.value}"):
-                await self._deliver(handle, rest)
+                if handle.node.kind is Kind.PLUMB_RULES:
+                    await self.runtime.plumbing.set_rules(rest)
+                else:
+                    await self._deliver(handle, rest)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.get(fh)
@@ -508,6 +550,8 @@ class AgentFs(pyfuse3.Operations):
             # Already logged if refused: release cannot report an error.
             with trio.CancelScope(shield=True), contextlib.suppress(pyfuse3.FUSEError):
                 await self.flush(fh)
+        if isinstance(handle, Handle) and handle.node.kind is Kind.PORT:
+            self.runtime.plumbing.release(handle.node.path, fh)
         self._handles.pop(fh, None)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -537,7 +581,7 @@ def _guarded(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]
         except errors.FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
         except Exception:
-            log.exception("%s failed", handler.__name__)
+            logger.exception("%s failed", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return guarded

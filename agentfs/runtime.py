@@ -20,6 +20,7 @@ from .ctl import TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_pro
 from .identity import agent_private_key, npub_decode, npub_encode, public_key
 from .inbox import Inbox, Message, parse_lines, rfc3339_now, stamp_id
 from .journal import Journal, encode_line
+from .plumbing import Delivered, Plumbing, from_outbox
 from .store import AgentRecord, AgentStore, Txn, agent_key
 from .ticks import RunningTick, TickEngine
 
@@ -34,6 +35,7 @@ class Runtime:
         self.log = Journal(store, "log")
         self.committer = CommitQueue(store)
         self.engine = TickEngine(self, mountpoint, jobs)
+        self.plumbing = Plumbing(self)
         self._locks: dict[int, trio.Lock] = {}
         # Files made empty by create or O_TRUNC, not yet committed: see `state_empty`.
         self._unwritten: dict[int, dict[str, state.Entry]] = {}
@@ -125,30 +127,37 @@ class Runtime:
         out["time"] = now
         return out
 
-    def deliver_locally(self, txn: Txn, message: Message, now: str) -> int | None:
-        """Append a sent message to its recipient's inbox if that is an agent here.
+    def deliver(self, txn: Txn, sender: int, message: Message, now: str,
+                delivered: Delivered) -> None:
+        """Carry a message an agent sent: to a local agent's inbox, or by the plumb rules.
 
         Runs in the sender's commit, so a message is delivered exactly when it is sent, and
-        the messages from one agent to another arrive in the order they were sent.
-        Returns the recipient, or None when the message is not for a local agent.
+        the messages from one agent to another arrive in the order they were sent.  What
+        cannot be delivered stays in the outbox, with an `undelivered` line in the log.
         """
         to = message.get("to")
         index = self.resolve(txn, to) if isinstance(to, str) and to else None
-        if index is None:
-            return None
+        try:
+            if index is None:
+                self.plumbing.route(txn, from_outbox(message), delivered)
+            elif self.accept(txn, index, {k: v for k, v in message.items()
+                                          if k not in ("seq", "time", "to")}):
+                delivered.agents.add(index)
+            else:
+                raise errors.denied("the recipient is terminated")
+        except errors.FsError as e:
+            self.log.append(txn, sender, {"time": now, "event": "undelivered",
+                                          "id": message["id"], "to": to, "error": e.message})
+
+    def accept(self, txn: Txn, index: int, message: Message) -> bool:
+        """Queue a delivered message in an agent's inbox; False if it takes none."""
         record = self.store.require_agent(txn, index)
-        sender = self.resolve(txn, message["from"])
         if record.status == "terminated":
-            if sender is not None:
-                self.log.append(txn, sender, {"time": now, "event": "undelivered",
-                                              "id": message["id"], "to": to,
-                                              "error": "the recipient is terminated"})
-            return None
-        delivered = {k: v for k, v in message.items() if k not in ("seq", "time", "to")}
-        if self.inbox.append(txn, index, delivered) is not None and record.status == "dormant":
+            return False
+        if self.inbox.append(txn, index, message) is not None and record.status == "dormant":
             record.status = "active"
             self.store.put_agent(txn, record)
-        return index
+        return True
 
     def overlay_outbox_bytes(self, tick: RunningTick) -> bytes:
         return b"".join(encode_line(m) for m in tick.overlay.outbox)

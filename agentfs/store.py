@@ -11,6 +11,7 @@ Layout (named databases; an agent is its 4-byte big-endian creation index `ix`):
     log       ix + byte offset (8 bytes) -> one JSON line
     counters  ix + counter name -> 8-byte integer
     seen      ix + message id -> seq: ids accepted (pending or consumed), so a retry is dropped
+    ports     port name + b"\\0" + seq (8 bytes) -> a plumb message queued for drivers
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .identity import npub_encode
 
 STORE_VERSION = 1
 DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters",
-            "seen")
+            "seen", "ports")
 
 # Address space only: LMDB grows the file as pages are written, not to the map size.
 DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
@@ -249,8 +250,9 @@ class AgentStore:
 
     # -- counters ----------------------------------------------------------
 
-    def bump_counter(self, txn: Txn, index: int, name: bytes) -> int:
-        key = agent_key(index) + name
+    def bump_counter(self, txn: Txn, index: int | None, name: bytes) -> int:
+        """The next value of a counter: an agent's, or the store's own (index None)."""
+        key = (b"" if index is None else agent_key(index)) + name
         raw = txn.get(key, db=self.db["counters"])
         value = (0 if raw is None else int.from_bytes(raw, "big")) + 1
         txn.put(key, value.to_bytes(8, "big"), db=self.db["counters"])

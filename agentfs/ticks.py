@@ -24,6 +24,7 @@ import trio
 from . import budget, errors
 from .inbox import Message, rfc3339_now
 from .overlay import TickOverlay
+from .plumbing import Delivered
 from .spawn import spawn
 from .state import TxnState
 from .store import AgentRecord, Txn
@@ -55,7 +56,7 @@ class RunningTick:
     dropped_names: list[str] = field(default_factory=list)
     storage_base: int = 0  # the agent's stored bytes when the tick (or its checkpoint) began
     checkpoints: int = 0
-    delivered: set[int] = field(default_factory=set)  # local agents it sent messages to
+    delivered: Delivered = field(default_factory=Delivered)  # where its messages went
     finished: bool = False  # its program ended: its overlay is frozen for the commit
 
     @property
@@ -298,10 +299,9 @@ class TickEngine:
             return outcome
 
     def _notify_delivered(self, tick: RunningTick) -> None:
-        for index in tick.delivered:
-            if index != tick.index:
-                self.notify(index)
-        tick.delivered.clear()
+        tick.delivered.agents.discard(tick.index)  # its own drain goes on anyway
+        self.runtime.plumbing.announce(tick.delivered)
+        tick.delivered = Delivered()
 
     # -- the daily compute budget ----------------------------------------------
 
@@ -423,9 +423,7 @@ class TickEngine:
         for message in sent:
             outgoing = runtime.outgoing(message, tick.npub, now)
             runtime.outbox.append(txn, index, outgoing)
-            delivered = runtime.deliver_locally(txn, outgoing, now)
-            if delivered is not None:
-                tick.delivered.add(delivered)
+            runtime.deliver(txn, index, outgoing, now, tick.delivered)
         for message in overlay.inbox:
             runtime.inbox.append(txn, index, message)
         asleep = False

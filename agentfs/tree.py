@@ -21,6 +21,10 @@ class Kind(enum.Enum):
     OUTBOX = "outbox"
     LOG = "log"
     BUDGET = "budget"
+    PLUMB = "plumb"
+    PLUMB_RULES = "plumb/rules"
+    PLUMB_SEND = "plumb/send"
+    PORT = "port"
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,15 @@ class ServedFile:
 
 ROOT_FILES = (
     ServedFile("ctl", Kind.ROOT_CTL, stat.S_IFREG | 0o600, stat.S_IFREG | 0o400),
+    ServedFile("plumb", Kind.PLUMB, stat.S_IFDIR | 0o755, stat.S_IFDIR | 0o555),
 )
+
+# plumb/ holds these and one file per port the rules name (mode PORT_MODE).
+PLUMB_FILES = (
+    ServedFile("rules", Kind.PLUMB_RULES, stat.S_IFREG | 0o600, stat.S_IFREG | 0o400),
+    ServedFile("send", Kind.PLUMB_SEND, stat.S_IFREG | 0o200, stat.S_IFREG | 0o000),
+)
+PORT_MODE = stat.S_IFREG | 0o600
 
 AGENT_FILES = (
     ServedFile("ctl", Kind.CTL, stat.S_IFREG | 0o600, stat.S_IFREG | 0o600),
@@ -44,7 +56,7 @@ AGENT_FILES = (
     ServedFile("budget", Kind.BUDGET, stat.S_IFREG | 0o600, stat.S_IFREG | 0o400),
 )
 AGENT_FILE_BY_NAME = {f.name: f for f in AGENT_FILES}
-SERVED_BY_KIND = {f.kind: f for f in (*ROOT_FILES, *AGENT_FILES)}
+SERVED_BY_KIND = {f.kind: f for f in (*ROOT_FILES, *AGENT_FILES, *PLUMB_FILES)}
 
 JOURNALS = {Kind.OUTBOX, Kind.LOG}
 
@@ -60,7 +72,7 @@ class Node:
 
     @property
     def is_dir(self) -> bool:
-        return self.kind in (Kind.ROOT, Kind.TICKS, Kind.AGENT) or (
+        return self.kind in (Kind.ROOT, Kind.TICKS, Kind.AGENT, Kind.PLUMB) or (
             self.kind is Kind.STATE and self.path == "")
 
     def child_state(self, name: str) -> Node:

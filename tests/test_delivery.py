@@ -67,4 +67,6 @@ echo '{"to":"nobody-here","data":"for the plumber"}' >> "$AGENT_DIR/outbox"
     assert mount.status("carol")["pending"] == "0"
     assert [m["to"] for m in mount.outbox("alice")] == ["carol", "nobody-here"]
     undelivered = [r for r in mount.log("alice") if r["event"] == "undelivered"]
-    assert [r["to"] for r in undelivered] == ["carol"]
+    assert [r["to"] for r in undelivered] == ["carol", "nobody-here"]
+    assert "terminated" in undelivered[0]["error"]
+    assert undelivered[1]["error"].startswith("plumb: ")  # no rules route it

@@ -44,12 +44,13 @@ def refusals(agent: Path) -> list[dict[str, object]]:
 
 def test_layout(mount: Mount) -> None:
     mp = mount.mp
-    assert sh(f"ls {mp}").stdout.split() == ["ctl"]
+    assert sh(f"ls {mp}").stdout.split() == ["ctl", "plumb"]
     alice = mount.new_agent("alice")
     bob = mount.new_agent("bob", "/bin/cat")
     assert alice == expected_npub(mount.store, 0)
     assert bob == expected_npub(mount.store, 1)
-    assert sorted(sh(f"ls {mp}").stdout.split()) == sorted(["ctl", "alice", "bob", alice, bob])
+    listed = ["ctl", "plumb", "alice", "bob", alice, bob]
+    assert sorted(sh(f"ls {mp}").stdout.split()) == sorted(listed)
     assert sh(f"readlink {mp}/alice").stdout.strip() == alice
     assert os.readlink(mp / "bob") == bob
     assert os.path.islink(mp / "alice") and not os.path.islink(mp / alice)
@@ -104,9 +105,10 @@ def test_new_duplicate_and_bad_names(mount: Mount) -> None:
     # All or nothing: one bad line refuses the whole write.
     assert errno_of(lambda: write_once(mp / "ctl", "new bob\nnew alice\n")) == errno.EEXIST
     for bad in ["new .hidden", "new ctl", "new npub1abc", "new a/b", "new " + "x" * 65, "new",
-                "create bob", "new 'unclosed", "new bob\nnew bob"]:
+                "create bob", "new 'unclosed", "new bob\nnew bob", "new plumb"]:
         assert errno_of(partial(write_once, mp / "ctl", bad + "\n")) == errno.EINVAL, bad
-    assert sorted(os.listdir(mp)) == sorted(["ctl", "alice", expected_npub(mount.store, 0)])
+    listed = ["ctl", "plumb", "alice", expected_npub(mount.store, 0)]
+    assert sorted(os.listdir(mp)) == sorted(listed)
     # The failed attempts did not use up agent numbers.
     assert mount.new_agent("bob") == expected_npub(mount.store, 1)
 
