@@ -46,12 +46,17 @@ def parse_lines(data: bytes, what: str = "inbox") -> list[Message]:
     return messages
 
 
+def check_id(message: Message) -> None:
+    message_id = message.get("id")
+    if isinstance(message_id, str) and len(message_id.encode()) > MAX_ID:
+        raise errors.invalid(f"message id longer than {MAX_ID} bytes")
+
+
 def stamp_id(message: Message) -> None:
     """Keep a message's own id (a non-empty string, for idempotence) or give it one."""
+    check_id(message)
     if not isinstance(message.get("id"), str) or not message["id"]:
         message["id"] = secrets.token_hex(16)
-    elif len(message["id"].encode()) > MAX_ID:
-        raise errors.invalid(f"message id longer than {MAX_ID} bytes")
 
 
 class Inbox:

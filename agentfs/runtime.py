@@ -18,7 +18,7 @@ from . import budget, errors, state
 from .committer import CommitQueue
 from .ctl import TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_program
 from .identity import agent_private_key, npub_decode, npub_encode, public_key
-from .inbox import Inbox, Message, parse_lines, rfc3339_now, stamp_id
+from .inbox import Inbox, Message, check_id, parse_lines, rfc3339_now, stamp_id
 from .journal import Journal, encode_line
 from .plumbing import Delivered, Plumbing, from_outbox
 from .store import AgentRecord, AgentStore, Txn, agent_key
@@ -247,6 +247,8 @@ class Runtime:
     async def _tick_ctl(self, tick: RunningTick, commands: list[Command]) -> None:
         charges = dict(tick.overlay.charges)
         for command in commands:
+            if command.verb == "retries":
+                raise errors.invalid("ctl: retries is set from outside the agent")
             if command.verb in ("charge", "spend"):
                 key = "used_daily_api_calls" if command.verb == "charge" else \
                     "used_daily_spend_sats"
@@ -272,8 +274,6 @@ class Runtime:
                 if command.verb == "spend":
                     tick.overlay.spends.append({"sats": int(command.args[0]),
                                                 "memo": command.text})
-            elif command.verb == "retries":
-                raise errors.invalid("ctl: retries is set from outside the agent")
             else:
                 tick.overlay.ctl.append(command)
 
@@ -295,6 +295,8 @@ class Runtime:
             return
         if tick is not None:
             _live(tick)
+            for message in messages:
+                check_id(message)
             tick.overlay.inbox.extend(messages)
             return
 
@@ -314,7 +316,10 @@ class Runtime:
             raise errors.denied(
                 "outbox: only the agent's own ticks append to it, through $AGENT_DIR/outbox")
         _live(tick)
-        tick.overlay.outbox.extend(parse_lines(data, "outbox"))
+        messages = parse_lines(data, "outbox")
+        for message in messages:
+            check_id(message)
+        tick.overlay.outbox.extend(messages)
 
     async def budget_write(self, index: int, data: bytes, tick: RunningTick | None) -> None:
         if tick is not None:
@@ -332,6 +337,7 @@ class Runtime:
             self.log.append(txn, index, {"time": rfc3339_now(), "event": "budget", "set": shown})
 
         await self.committer.commit(apply)
+        self.engine.notify(index)  # a raised limit lets held triggers run
 
     async def state_op(self, index: int, tick: RunningTick | None,
                        op: Callable[[state.StateView], T]) -> T:

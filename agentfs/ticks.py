@@ -58,6 +58,8 @@ class RunningTick:
     checkpoints: int = 0
     delivered: Delivered = field(default_factory=Delivered)  # where its messages went
     finished: bool = False  # its program ended: its overlay is frozen for the commit
+    asleep: bool = False  # it wrote `sleep`, committed at a checkpoint
+    terminated: bool = False  # it wrote `terminate`, committed at a checkpoint
 
     @property
     def index(self) -> int:
@@ -380,6 +382,7 @@ class TickEngine:
                         await proc.wait()
                 # Anything the program left running would outlive the tick.
                 proc.kill_group()
+                tick.finished = True  # what is written from now on is not the tick's
                 # A process that left the group may hold the pipes open: read on briefly.
                 nursery.cancel_scope.deadline = trio.current_time() + 0.5
         finally:
@@ -450,6 +453,8 @@ class TickEngine:
 
         def apply(txn: Txn) -> None:
             record = self.runtime.store.require_agent(txn, tick.index)
+            if record.status == "terminated" and not tick.terminated:
+                raise errors.denied("the agent was terminated while the tick ran")
             now = rfc3339_now()
             sent, _asleep = self._apply_overlay(txn, tick, record, [], now)
             record.checkpoint = {"seq": tick.seq, "count": count}
@@ -460,6 +465,8 @@ class TickEngine:
                 "state_changes": len(tick.overlay.changes), "sent": sent})
 
         await self.runtime.committer.commit(apply)
+        tick.asleep = tick.asleep or any(c.verb == "sleep" for c in tick.overlay.ctl)
+        tick.terminated = tick.terminated or any(c.verb == "terminate" for c in tick.overlay.ctl)
         self._notify_delivered(tick)
         tick.storage_base += tick.overlay.bytes_delta
         tick.overlay.reset()
@@ -470,12 +477,13 @@ class TickEngine:
     def _commit(self, txn: Txn, tick: RunningTick, outcome: Outcome) -> None:
         runtime, store, index = self.runtime, self.runtime.store, tick.index
         record = store.require_agent(txn, index)
-        if record.status == "terminated":
+        if record.status == "terminated" and not tick.terminated:
             raise errors.denied("the agent was terminated while the tick ran")
         now = rfc3339_now()
         replies = [reply_for(line, tick.trigger) for line in outcome.stdout]
         changes = len(tick.overlay.changes)
         sent, asleep = self._apply_overlay(txn, tick, record, replies, now)
+        asleep = asleep or tick.asleep
         runtime.inbox.consume(txn, index, tick.seq)
         record.usage["used_daily_compute"] = record.usage.get("used_daily_compute", 0) + \
             outcome.duration

@@ -213,3 +213,32 @@ def test_retries_setting(mount: Mount) -> None:
     for bad in ("retries 0\n", "retries x\n", "retries\n"):
         assert errno_of(lambda bad=bad: write_once(mount.agent("alice") / "ctl", bad)) == \
             errno.EINVAL
+
+
+def test_sleep_and_terminate_written_before_a_checkpoint_hold(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "quit.sh", """
+read -r t
+echo terminate > "$AGENT_DIR/ctl"
+echo checkpoint > "$AGENT_DIR/ctl"
+echo done > "$AGENT_DIR/state/last"
+""")
+    mount.new_agent("alice", program)
+    write_once(mount.agent("alice") / "inbox", "go\n")
+    wait_until(lambda: mount.status("alice")["status"] == "terminated")
+    wait_until(lambda: mount.status("alice")["ticks"] == "1")
+    assert (mount.agent("alice") / "state" / "last").read_text() == "done\n"
+    assert not [r for r in mount.log("alice") if r.get("result") == "error"]
+
+
+def test_retries_inside_a_tick_refuses_the_whole_write(mount: Mount, tmp_path: Path) -> None:
+    program = script(tmp_path, "mixed.sh", """
+read -r t
+case "$t" in *wake*) exit 0 ;; esac
+printf 'wake again\\nretries 5\\n' > "$AGENT_DIR/ctl" || echo refused > "$1/result"
+""")
+    mount.new_agent("alice", program, str(tmp_path))
+    write_once(mount.agent("alice") / "inbox", "go\n")
+    mount.wait_ticks("alice", 1)
+    assert (tmp_path / "result").read_text() == "refused\n"
+    assert mount.status("alice")["pending"] == "0"  # the wake did not take effect either
+    assert mount.status("alice")["retries"] == "3"
