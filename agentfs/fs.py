@@ -506,7 +506,7 @@ class AgentFs(pyfuse3.Operations):
                 # checked at once, so that the writer hears of a syntax error from write(2).
                 text = bytes(handle.partial) + buf
                 if text.endswith(b"\n"):
-                    runtime.plumbing.check_rules(text)
+                    runtime.plumbing.check_rules(text, complete=False)
                 handle.partial = bytearray(text)
             elif kind is Kind.PLUMB_SEND:
                 await runtime.plumbing.send(buf)

@@ -24,6 +24,8 @@ from .inbox import stamp_id
 from .store import Txn, scan_prefix
 
 RULES_KEY = b"plumb-rules"
+# The parser's complaint about a rule set cut short, as text written line by line is.
+INCOMPLETE = "must have patterns and actions"
 
 
 def port_key(port: str, seq: int) -> bytes:
@@ -101,17 +103,21 @@ class Plumbing:
         return self.rules.text.encode()
 
     @staticmethod
-    def check_rules(data: bytes) -> Rules:
+    def check_rules(data: bytes, complete: bool = True) -> None:
+        """EINVAL for a syntax error; with complete=False, one more text could still mend
+        (a last rule set still waiting for its actions) passes."""
         try:
-            return parse_rules(data.decode("utf-8"))
+            parse_rules(data.decode("utf-8"))
         except UnicodeDecodeError:
             raise errors.invalid("plumb/rules: not UTF-8 text") from None
         except RulesError as e:
-            raise errors.invalid(f"plumb/rules: {e}") from None
+            if complete or INCOMPLETE not in str(e):
+                raise errors.invalid(f"plumb/rules: {e}") from None
 
     async def set_rules(self, data: bytes) -> None:
         """Replace the rules as a whole; a syntax error changes nothing."""
-        rules = self.check_rules(data)
+        self.check_rules(data)
+        rules = parse_rules(data.decode("utf-8"))
 
         def apply(txn: Txn) -> None:
             txn.put(RULES_KEY, rules.text.encode(), db=self.store.db["meta"])

@@ -142,3 +142,14 @@ def test_the_plumb_command(mount: Mount) -> None:
     fd, message = read_port(mount.mp / "plumb" / "http")
     os.close(fd)
     assert message["data"] == "from stdin" and message["type"] == "post"
+
+
+def test_rules_written_line_by_line(mount: Mount) -> None:
+    rules = mount.mp / "plumb" / "rules"
+    fd = os.open(rules, os.O_WRONLY | os.O_TRUNC)
+    try:
+        for line in RULES.splitlines(keepends=True):
+            os.write(fd, line.encode())  # each line its own write(2), as shells often do
+    finally:
+        os.close(fd)
+    assert rules.read_text() == RULES
