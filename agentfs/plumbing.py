@@ -55,7 +55,7 @@ def parse_send(data: bytes) -> list[Message]:
 def from_outbox(message: InboxMessage) -> Message:
     """An agent's sent message as a plumb message, so the rules can route it."""
     data = message.get("data", "")
-    attr = {"id": str(message["id"])}
+    attr = {"id": str(message["id"]), "hops": str(message.get("hops", 0))}
     if message.get("in_reply_to"):
         attr["in_reply_to"] = str(message["in_reply_to"])
     return Message(src=str(message.get("from", "")), dst=str(message.get("to") or ""), wdir="",
@@ -75,6 +75,8 @@ def to_inbox(message: Message) -> InboxMessage:
         entry["attr"] = dict(message.attr)
         if message.attr.get("id"):
             entry["id"] = message.attr["id"]
+        if message.attr.get("hops", "").isdigit():
+            entry["hops"] = int(message.attr["hops"])
     return entry
 
 

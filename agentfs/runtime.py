@@ -25,6 +25,7 @@ from .store import AgentRecord, AgentStore, Txn, agent_key
 from .ticks import RunningTick, TickEngine
 
 T = TypeVar("T")
+MAX_HOPS = 16  # agents a message may pass through, each answering the last
 
 
 class Runtime:
@@ -138,6 +139,9 @@ class Runtime:
         to = message.get("to")
         index = self.resolve(txn, to) if isinstance(to, str) and to else None
         try:
+            if message.get("hops", 0) > MAX_HOPS:
+                # Two agents that answer every message would answer each other forever.
+                raise errors.invalid(f"passed through {MAX_HOPS} agents: a loop?")
             if index is None:
                 self.plumbing.route(txn, from_outbox(message), delivered)
             elif self.accept(txn, index, {k: v for k, v in message.items()

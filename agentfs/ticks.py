@@ -94,6 +94,12 @@ def proc_stat(pid: int) -> ProcStat | None:
     return ProcStat(int(fields[1]), int(fields[3]))
 
 
+def hops(message: Message) -> int:
+    """How many agents a message has passed through (0 for one from outside)."""
+    value = message.get("hops", 0)
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
 def reply_for(line: bytes, trigger: Message) -> Message:
     """One stdout line as an outgoing reply to the trigger's sender."""
     text = line.decode("utf-8", errors="replace")
@@ -425,6 +431,7 @@ class TickEngine:
         sent = [*overlay.outbox, *extra]
         for message in sent:
             outgoing = runtime.outgoing(message, tick.npub, now)
+            outgoing["hops"] = hops(tick.trigger) + 1
             runtime.outbox.append(txn, index, outgoing)
             runtime.deliver(txn, index, outgoing, now, tick.delivered)
         for message in overlay.inbox:

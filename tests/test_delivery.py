@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import Mount, write_once
+from conftest import Mount, wait_until, write_once
 
 
 def script(directory: Path, name: str, body: str) -> str:
@@ -70,3 +70,17 @@ echo '{"to":"nobody-here","data":"for the plumber"}' >> "$AGENT_DIR/outbox"
     assert [r["to"] for r in undelivered] == ["carol", "nobody-here"]
     assert "terminated" in undelivered[0]["error"]
     assert undelivered[1]["error"].startswith("plumb: ")  # no rules route it
+
+
+def test_two_agents_that_answer_everything_stop_at_the_hop_limit(mount: Mount) -> None:
+    alice = mount.new_agent("alice", "/bin/sh", "-c", "read -r t; echo ping")
+    bob = mount.new_agent("bob", "/bin/sh", "-c", "read -r t; echo pong")
+    write_once(mount.agent("bob") / "inbox", f'{{"from":"{alice}","data":"start"}}\n')
+    wait_until(lambda: any(r["event"] == "undelivered" for r in
+                           mount.log("alice") + mount.log("bob")))
+    wait_until(lambda: mount.status("alice")["pending"] == mount.status("bob")["pending"] == "0")
+    wait_until(lambda: mount.status("alice")["status"] == mount.status("bob")["status"]
+               == "dormant")
+    sent = mount.outbox("alice") + mount.outbox("bob")
+    assert max(m["hops"] for m in sent) == 17 and len(sent) == 17
+    assert bob != alice
