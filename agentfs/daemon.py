@@ -96,15 +96,16 @@ def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
 async def _main(runtime: Runtime) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(runtime.run)
-        nursery.start_soon(_terminate_on_signals)
+        nursery.start_soon(_terminate_on_signals, runtime)
         await pyfuse3.main(min_tasks=4, max_tasks=512)
         nursery.cancel_scope.cancel()
 
 
-async def _terminate_on_signals() -> None:
+async def _terminate_on_signals(runtime: Runtime) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
+            runtime.plumbing.close()
             pyfuse3.terminate()
             return
 

@@ -39,6 +39,7 @@ from .tree import (
 )
 
 T = TypeVar("T")
+REFUSED = 1 << 40  # a handle flag beyond open(2)'s: a write through it was refused
 logger = logging.getLogger("agentfs")
 
 # Directories and files of the fixed tree never move and their attributes do not change
@@ -506,7 +507,11 @@ class AgentFs(pyfuse3.Operations):
                 # checked at once, so that the writer hears of a syntax error from write(2).
                 text = bytes(handle.partial) + buf
                 if text.endswith(b"\n"):
-                    runtime.plumbing.check_rules(text, complete=False)
+                    try:
+                        runtime.plumbing.check_rules(text, complete=False)
+                    except errors.FsError:
+                        handle.flags |= REFUSED  # nothing of this open installs rules
+                        raise
                 handle.partial = bytearray(text)
             elif kind is Kind.PLUMB_SEND:
                 await runtime.plumbing.send(buf)
@@ -540,6 +545,8 @@ class AgentFs(pyfuse3.Operations):
             handle.partial.clear()
             async with self._refusals(handle.node, f"write {handle.node.kind.value}"):
                 if handle.node.kind is Kind.PLUMB_RULES:
+                    if handle.flags & REFUSED:
+                        raise errors.invalid("plumb/rules: a write was refused; rules unchanged")
                     await self.runtime.plumbing.set_rules(rest)
                 else:
                     await self._deliver(handle, rest)

@@ -24,6 +24,7 @@ from .inbox import stamp_id
 from .store import Txn, scan_prefix
 
 RULES_KEY = b"plumb-rules"
+PORT_WAIT = 5.0  # seconds a port read waits for a message before it returns empty
 # The parser's complaint about a rule set cut short, as text written line by line is.
 INCOMPLETE = "must have patterns and actions"
 
@@ -80,6 +81,11 @@ def to_inbox(message: Message) -> InboxMessage:
     return entry
 
 
+async def _set_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
 @dataclass
 class Delivered:
     """Where one transaction's routed messages went: told to the engine after commit."""
@@ -95,6 +101,7 @@ class Plumbing:
         self.db = self.store.db["ports"]
         self._arrived: dict[str, trio.Event] = {}
         self._leases: dict[bytes, int] = {}  # queue key -> the file handle it was read by
+        self._closing = trio.Event()
         with self.store.read() as txn:
             raw = txn.get(RULES_KEY, db=self.store.db["meta"])
         self.rules = parse_rules(bytes(raw).decode()) if raw else Rules()
@@ -143,8 +150,9 @@ class Plumbing:
             raise errors.invalid(f"plumb: {e.reason}") from None
         index = self.runtime.resolve(txn, decision.port) if decision.port else None
         if index is not None:
-            if self.runtime.accept(txn, index, to_inbox(decision.message)):
-                delivered.agents.add(index)
+            if not self.runtime.accept(txn, index, to_inbox(decision.message)):
+                raise errors.denied(f"plumb: agent {decision.port} is terminated")
+            delivered.agents.add(index)
         elif decision.port:
             self._enqueue(txn, decision.port, decision.message)
             delivered.ports.add(decision.port)
@@ -187,14 +195,27 @@ class Plumbing:
                 yield prefix + rest, raw
 
     async def take(self, port: str, fh: int) -> bytes:
-        """The next queued message not leased to a reader, as one JSON line; waits for one."""
-        while True:
-            for key, raw in self._queued(port):
-                if key not in self._leases:
-                    self._leases[key] = fh
-                    return raw + b"\n"
-            arrived = self._arrived.setdefault(port, trio.Event())
-            await arrived.wait()
+        """The next queued message not leased to a reader, as one JSON line.
+
+        Waits for one at most PORT_WAIT seconds, then returns nothing (an empty read: read
+        again).  The kernel cannot interrupt a FUSE read the daemon holds, so an unbounded
+        wait would leave a killed reader, and the unmount, hanging.
+        """
+        with trio.move_on_after(PORT_WAIT):
+            while not self._closing.is_set():
+                for key, raw in self._queued(port):
+                    if key not in self._leases:
+                        self._leases[key] = fh
+                        return raw + b"\n"
+                arrived = self._arrived.setdefault(port, trio.Event())
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_set_when, arrived, nursery.cancel_scope)
+                    nursery.start_soon(_set_when, self._closing, nursery.cancel_scope)
+        return b""
+
+    def close(self) -> None:
+        """The mount is going: readers waiting on ports get an empty read now."""
+        self._closing.set()
 
     async def ack(self, port: str, data: bytes, fh: int) -> None:
         """`ack ID` lines: those messages were delivered; they leave the queue for good."""
@@ -206,7 +227,11 @@ class Plumbing:
             if len(words) != 2 or words[0] != "ack":
                 raise errors.invalid(f"plumb/{port}: expected `ack ID`, got {line.strip()!r}")
             ids.append(words[1])
-        keys = {json.loads(raw)["id"]: key for key, raw in self._queued(port)}
+        keys: dict[str, bytes] = {}
+        for key, raw in self._queued(port):
+            message_id = json.loads(raw)["id"]
+            if message_id not in keys or self._leases.get(key) == fh:
+                keys[message_id] = key
         unknown = [i for i in ids if i not in keys]
         if unknown:
             raise errors.invalid(f"plumb/{port}: no queued message has id {unknown[0]!r}")

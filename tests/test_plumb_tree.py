@@ -5,11 +5,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Mount, errno_of, sh, write_once
+from conftest import Mount, errno_of, pid_alive, sh, wait_until, write_once
 
 from plumber import Message
 
@@ -23,6 +24,11 @@ plumb to alice
 type is post
 plumb to http
 """
+
+
+def open_files(pid: int) -> list[str]:
+    fds = f"/proc/{pid}/fd"
+    return [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)]
 
 
 def read_port(path: Path) -> tuple[int, dict[str, object]]:
@@ -153,3 +159,14 @@ def test_rules_written_line_by_line(mount: Mount) -> None:
     finally:
         os.close(fd)
     assert rules.read_text() == RULES
+
+
+def test_sigterm_with_a_reader_waiting_on_a_port(mount: Mount) -> None:
+    write_once(mount.mp / "plumb" / "rules", RULES)
+    with subprocess.Popen(["cat", str(mount.mp / "plumb" / "http")],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as reader:
+        wait_until(lambda: any(path.endswith("plumb/http") for path in open_files(reader.pid)))
+        os.kill(mount.pid, signal.SIGTERM)
+        # Sooner than PORT_WAIT: shutting down wakes the waiting read at once.
+        wait_until(lambda: not pid_alive(mount.pid), timeout=4)
+        reader.kill()
