@@ -143,9 +143,10 @@ class Plumbing:
 
     def route(self, txn: Txn, message: Message, delivered: Delivered) -> str:
         """Deliver `message` by the rules; returns the port.  NoRoute becomes EINVAL."""
-        agents = [name for name, _index in self.store.names(txn)]
+        # An agent is a port too: the one a dst names is all routing needs to know of them.
+        dst_is_agent = bool(message.dst) and self.runtime.resolve(txn, message.dst) is not None
         try:
-            decision = route(self.rules, message, ports=agents)
+            decision = route(self.rules, message, ports=[message.dst] if dst_is_agent else [])
         except NoRoute as e:
             raise errors.invalid(f"plumb: {e.reason}") from None
         index = self.runtime.resolve(txn, decision.port) if decision.port else None
