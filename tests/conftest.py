@@ -73,6 +73,13 @@ def pid_alive(pid: int) -> bool:
     return raw[raw.rfind(b")") + 2:][:1] != b"Z"
 
 
+def script(directory: Path, name: str, body: str) -> str:
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
 def write_once(path: Path | str, data: bytes | str, flags: int = os.O_WRONLY) -> int:
     """open, one write(2), close: returns what write returned; errors raise OSError."""
     raw = data.encode() if isinstance(data, str) else data

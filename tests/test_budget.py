@@ -7,14 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from conftest import Mount, errno_of, wait_until, write_once
-
-
-def script(directory: Path, name: str, body: str) -> str:
-    path = directory / name
-    path.write_text("#!/bin/sh\n" + body)
-    path.chmod(0o755)
-    return str(path)
+from conftest import Mount, errno_of, script, wait_until, write_once
 
 
 def budget(mount: Mount, name: str) -> dict[str, str]:

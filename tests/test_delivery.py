@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import Mount, wait_until, write_once
-
-
-def script(directory: Path, name: str, body: str) -> str:
-    path = directory / name
-    path.write_text("#!/bin/sh\n" + body)
-    path.chmod(0o755)
-    return str(path)
+from conftest import Mount, script, wait_until, write_once
 
 
 def test_messages_arrive_once_in_order_with_the_commit(mount: Mount, tmp_path: Path) -> None:

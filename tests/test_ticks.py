@@ -10,16 +10,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import Mount, errno_of, pid_alive, sh, wait_until, write_once
+from conftest import Mount, errno_of, pid_alive, script, sh, wait_until, write_once
 
 SENDER = "npub1sender0000000000000000000000000000000000000000000000000000"
-
-
-def script(directory: Path, name: str, body: str) -> str:
-    path = directory / name
-    path.write_text("#!/bin/sh\n" + body)
-    path.chmod(0o755)
-    return str(path)
 
 
 def make_fifo(directory: Path, name: str = "gate") -> Path:
