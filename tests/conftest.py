@@ -7,12 +7,14 @@ mount is driven with shell tools and plain `os` calls, and every mount is unmoun
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -71,6 +73,35 @@ def pid_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return raw[raw.rfind(b")") + 2:][:1] != b"Z"
+
+
+class InboxWriter(threading.Thread):
+    """Writes JSON messages with unique ids to an inbox, one write(2) each, from a thread,
+    noting which were acknowledged (the write returned) for crash tests to check."""
+
+    def __init__(self, inbox: Path, prefix: str, count: int, kind: str = "text") -> None:
+        super().__init__(daemon=True)
+        self.inbox, self.prefix, self.count, self.kind = inbox, prefix, count, kind
+        self.attempted: list[str] = []
+        self.acked: list[str] = []
+
+    def run(self) -> None:
+        try:
+            fd = os.open(self.inbox, os.O_WRONLY)
+        except OSError:
+            return  # the daemon is gone already
+        try:
+            for i in range(self.count):
+                ident = f"{self.prefix}-{i}"
+                line = json.dumps({"id": ident, "type": self.kind, "data": i}).encode() + b"\n"
+                self.attempted.append(ident)
+                if os.write(fd, line) == len(line):
+                    self.acked.append(ident)
+        except OSError:
+            pass  # the daemon is gone
+        finally:
+            with contextlib.suppress(OSError):  # close cannot reach a dead daemon
+                os.close(fd)
 
 
 def script(directory: Path, name: str, body: str) -> str:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import random
-import threading
 from collections import Counter
 from pathlib import Path
 
-from conftest import Mount, json_lines, wait_until
+from conftest import InboxWriter, Mount, json_lines, wait_until
 
 PROGRAM = """#!/bin/sh
 read -r trigger
@@ -19,32 +16,6 @@ echo "$id" > "$AGENT_DIR/state/a/$id"
 echo "$id" > "$AGENT_DIR/state/b/$id"
 echo "done $id"
 """
-
-
-class Writer(threading.Thread):
-    """Writes messages to an inbox, one write(2) each, noting which ones were acknowledged."""
-
-    def __init__(self, inbox: Path, prefix: str, count: int) -> None:
-        super().__init__(daemon=True)
-        self.inbox, self.prefix, self.count = inbox, prefix, count
-        self.attempted: list[str] = []
-        self.acked: list[str] = []
-        self.error: OSError | None = None
-
-    def run(self) -> None:
-        fd = os.open(self.inbox, os.O_WRONLY)
-        try:
-            for i in range(self.count):
-                ident = f"{self.prefix}-{i}"
-                line = json.dumps({"id": ident, "type": "text", "data": i}).encode() + b"\n"
-                self.attempted.append(ident)
-                if os.write(fd, line) == len(line):
-                    self.acked.append(ident)
-        except OSError as e:
-            self.error = e
-        finally:
-            with contextlib.suppress(OSError):  # the daemon is gone: close cannot reach it
-                os.close(fd)
 
 
 def check_consistent(mount: Mount, acked: set[str], attempted: set[str]) -> set[str]:
@@ -78,11 +49,11 @@ def test_kill_9_during_writes_and_ticks(mount: Mount, tmp_path: Path) -> None:
     acked: set[str] = set()
     attempted: set[str] = set()
     for round_number in range(3):
-        writer = Writer(agent / "inbox", f"r{round_number}", 200)
+        writer = InboxWriter(agent / "inbox", f"r{round_number}", 200)
         kill_at = rng.randint(10, 150)
         writer.start()
 
-        def enough(w: Writer = writer, k: int = kill_at) -> bool:
+        def enough(w: InboxWriter = writer, k: int = kill_at) -> bool:
             return len(w.acked) >= k or not w.is_alive()
 
         wait_until(enough, 30, "enough acknowledged writes")

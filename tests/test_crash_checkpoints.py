@@ -6,17 +6,15 @@ on a retry reads `resume` from its trigger to skip the steps already checkpointe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import signal
-import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import Mount, json_lines, pid_alive, wait_until
+from conftest import InboxWriter, Mount, json_lines, pid_alive, wait_until
 
 STEPS = """#!/bin/sh
 # $1: a directory outside the mount, for what the test wants to know about the runs.
@@ -63,39 +61,11 @@ def script(directory: Path, name: str, body: str) -> Path:
     return path
 
 
-class Writer(threading.Thread):
-    """JSON messages with unique ids to an inbox, one write(2) each, noting which were acked."""
-
-    def __init__(self, inbox: Path, prefix: str, count: int) -> None:
-        super().__init__(daemon=True)
-        self.inbox, self.prefix, self.count = inbox, prefix, count
-        self.attempted: list[str] = []
-        self.acked: list[str] = []
-
-    def run(self) -> None:
-        try:
-            fd = os.open(self.inbox, os.O_WRONLY)
-        except OSError:
-            return
-        try:
-            for i in range(self.count):
-                ident = f"{self.prefix}-{i}"
-                line = json.dumps({"id": ident, "type": "job", "n": i}).encode() + b"\n"
-                self.attempted.append(ident)
-                if os.write(fd, line) == len(line):
-                    self.acked.append(ident)
-        except OSError:
-            pass  # the daemon is gone
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
 def committed_ticks(mount: Mount, name: str) -> int:
     return int(mount.status(name)["ticks"])
 
 
-def acknowledged(writer: Writer, count: int, or_done: bool = False) -> Callable[[], bool]:
+def acknowledged(writer: InboxWriter, count: int, or_done: bool = False) -> Callable[[], bool]:
     return lambda: len(writer.acked) >= count or (or_done and not writer.is_alive())
 
 
@@ -147,7 +117,7 @@ def test_kill_9_while_ticks_checkpoint(mount: Mount, tmp_path: Path) -> None:
     expected_resumes: list[str] = []
     for round_number, mode in enumerate(["writes", "checkpoint", "writes", "checkpoint",
                                          "checkpoint"]):
-        writer = Writer(agent / "inbox", f"r{round_number}", rng.randint(10, 30))
+        writer = InboxWriter(agent / "inbox", f"r{round_number}", rng.randint(10, 30), "job")
         writer.start()
         if mode == "checkpoint":
             # Kill while a tick waits right after its checkpoint 1 or 2 (committed, the rest
