@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shlex
 from dataclasses import dataclass
 
-from . import errors
+from . import alarms, errors
+from .units import parse_duration
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 RESERVED_NAMES = {"ctl", "plumb"}
@@ -42,9 +45,16 @@ class NewAgent:
 
 
 AGENT_VERBS = {"wake", "program", "name", "sleep", "terminate", "recover", "retries",
-               "checkpoint", "charge", "spend"}
+               "checkpoint", "charge", "spend", "alarm", "idle", "token"}
 # Verbs only a running tick may write, through its own AGENT_DIR/ctl.
 TICK_VERBS = {"checkpoint", "charge", "spend"}
+# Verbs only written from outside the agent: its owner's settings.
+OWNER_VERBS = {"retries", "token"}
+TOKEN_RE = re.compile(r"^[\x21-\x7e]{16,256}$")
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _positive(text: str, what: str) -> int:
@@ -94,6 +104,23 @@ def parse_agent_ctl(data: bytes) -> list[Command]:
             if len(words) != 2 or words[0] != "api":
                 raise errors.invalid("ctl: usage: charge api N")
             commands.append(Command(verb, ("api", str(_positive(words[1], "charge")))))
+        elif verb == "alarm":
+            alarm = alarms.parse(rest.split())
+            commands.append(Command(verb, ("cancel",) if alarm is None else
+                                    (json.dumps(alarm.encode()),)))
+        elif verb == "idle":
+            if not rest:
+                raise errors.invalid("ctl: usage: idle DURATION (0 hibernates at once)")
+            commands.append(Command(verb, (repr(parse_duration(rest)),)))
+        elif verb == "token":
+            # Only the token's hash goes further: the log and ctl never see the token.
+            if rest == "none":
+                commands.append(Command(verb, ("",)))
+            elif TOKEN_RE.match(rest):
+                commands.append(Command(verb, (token_hash(rest),)))
+            else:
+                raise errors.invalid("ctl: usage: token SECRET (16-256 printable ASCII "
+                                     "characters, no spaces) | token none")
         elif verb == "spend":
             sats, _, memo = rest.partition(" ")
             commands.append(Command(verb, (str(_positive(sats, "spend")),), text=memo.strip()))

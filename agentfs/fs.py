@@ -386,6 +386,9 @@ class AgentFs(pyfuse3.Operations):
                                  what=f"open {node.kind.value}")
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if node.kind is Kind.TOKENS and tick is None and \
+                self.runtime.engine.tick_of_caller(ctx.pid) is not None:
+            raise pyfuse3.FUSEError(errno.EACCES)  # no agent reads the others' token hashes
         if writing and node.kind is Kind.LOG:
             await self._refuse(node, "open log for writing", "log: the audit trail is read-only")
         if writing and node.kind is Kind.OUTBOX and tick is None:
@@ -473,6 +476,10 @@ class AgentFs(pyfuse3.Operations):
             return self.runtime.budget_text(node.index)
         if node.kind is Kind.PLUMB_RULES:
             return self.runtime.plumbing.rules_text()
+        if node.kind is Kind.ALARMS:
+            return self.runtime.alarms_text()
+        if node.kind is Kind.TOKENS:
+            return self.runtime.tokens_text()
         return self.runtime.inbox_text(node.index, tick)
 
     def _read_journal(self, node: Node, tick: RunningTick | None, off: int, size: int) -> bytes:

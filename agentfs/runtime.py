@@ -8,21 +8,24 @@ tick goes to that tick's overlay instead.
 from __future__ import annotations
 
 import errno
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import trio
 
-from . import budget, errors, state
+from . import budget, errors, lifecycle, state
+from .alarms import Alarm, Alarms
 from .committer import CommitQueue
-from .ctl import TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_program
+from .ctl import OWNER_VERBS, TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_program
 from .identity import agent_private_key, npub_decode, npub_encode, public_key
 from .inbox import Inbox, Message, check_id, parse_lines, rfc3339_now, stamp_id
 from .journal import Journal, encode_line
 from .plumbing import Delivered, Plumbing, from_outbox
 from .store import AgentRecord, AgentStore, Txn, agent_key
 from .ticks import RunningTick, TickEngine
+from .units import format_duration
 
 T = TypeVar("T")
 MAX_HOPS = 16  # agents a message may pass through, each answering the last
@@ -34,6 +37,7 @@ class Runtime:
         self.inbox = Inbox(store)
         self.outbox = Journal(store, "outbox")
         self.log = Journal(store, "log")
+        self.alarms = Alarms(store)
         self.committer = CommitQueue(store)
         self.engine = TickEngine(self, mountpoint, jobs)
         self.plumbing = Plumbing(self)
@@ -88,7 +92,6 @@ class Runtime:
         with self.store.read() as txn:
             record = self.store.require_agent(txn, index)
             pending = self.inbox.count(txn, index)
-        status = "active" if index in self.engine.running else record.status
         if tick is not None:  # the tick sees its own uncommitted ctl and inbox writes
             pending += len(tick.overlay.inbox)
             for command in tick.overlay.ctl:
@@ -99,14 +102,33 @@ class Runtime:
         lines = [
             ("npub", record.npub),
             ("name", record.name or "-"),
-            ("status", status),
+            ("status", record.status),
             ("ticks", str(record.ticks)),
             ("pending", str(pending)),
             ("last", record.last or "-"),
             ("program", quote_program(record.program)),
             ("retries", str(record.max_failures)),
+            ("idle", format_duration(lifecycle.DEFAULT_IDLE if record.idle is None
+                                     else record.idle)),
+            ("alarm", alarm.describe() if (alarm := Alarm.decode(record.alarm)) else "-"),
+            ("token", "set" if record.token else "-"),
         ]
+        if record.status == "failed" and record.hook_error:
+            lines.append(("error", record.hook_error))
         return "".join(f"{k} {v}\n" for k, v in lines).encode()
+
+    def alarms_text(self) -> bytes:
+        with self.store.read() as txn:
+            return self.alarms.text(txn)
+
+    def tokens_text(self) -> bytes:
+        """`NPUB NAME SHA256` a line for each agent with a bearer token: the HTTP driver's."""
+        lines = []
+        with self.store.read() as txn:
+            for record in self.store.agents(txn):
+                if record.token:
+                    lines.append(f"{record.npub} {record.name or '-'} {record.token}\n")
+        return "".join(lines).encode()
 
     def budget_text(self, index: int) -> bytes:
         with self.store.read() as txn:
@@ -158,10 +180,24 @@ class Runtime:
         record = self.store.require_agent(txn, index)
         if record.status == "terminated":
             return False
-        if self.inbox.append(txn, index, message) is not None and record.status == "dormant":
-            record.status = "active"
+        if self.queue_trigger(txn, record, message):
             self.store.put_agent(txn, record)
         return True
+
+    def queue_trigger(self, txn: Txn, record: AgentRecord, message: Message) -> bool:
+        """Queue one trigger for an agent, waking it if it was dormant.
+
+        Returns whether `record` changed (the caller puts it).  An alarm's firing advances
+        the alarm; a stale one (fired before, or cancelled) is dropped with a log line.
+        """
+        fired = self.alarms.fired(txn, record, message)
+        if fired is False:
+            self.log.append(txn, record.index, {
+                "time": rfc3339_now(), "event": "alarm", "id": message["id"],
+                "dropped": "not the agent's alarm now (it fired already, or was cancelled)"})
+            return False
+        queued = self.inbox.append(txn, record.index, message) is not None
+        return bool(fired) or (queued and lifecycle.wake(record))
 
     def overlay_outbox_bytes(self, tick: RunningTick) -> bytes:
         return b"".join(encode_line(m) for m in tick.overlay.outbox)
@@ -177,6 +213,7 @@ class Runtime:
     async def create_agents(self, data: bytes) -> list[str]:
         """`new NAME [PROGRAM ARG...]` lines; returns the new agents' npubs."""
         wanted = parse_root_ctl(data)
+        indexes: list[int] = []
 
         def apply(txn: Txn) -> list[str]:
             mnemonic = self.store.mnemonic(txn)
@@ -186,16 +223,21 @@ class Runtime:
                     raise errors.exists(f"name {new.name!r}")
                 index = self.store.claim_index(txn)
                 pub = public_key(agent_private_key(mnemonic, index))
-                record = AgentRecord(index, pub.hex(), new.name, new.program, "dormant",
+                record = AgentRecord(index, pub.hex(), new.name, new.program,
                                      created=rfc3339_now())
+                lifecycle.create(record)
                 self.store.add_agent(txn, record)
+                indexes.append(index)
                 self.log.append(txn, index, {
                     "time": record.created, "event": "create", "name": new.name,
                     "program": quote_program(new.program)})
                 created.append(npub_encode(pub))
             return created
 
-        return await self.committer.commit(apply)
+        npubs = await self.committer.commit(apply)
+        for index in indexes:
+            self.engine.notify(index)  # its `create` runs now, if it has a program
+        return npubs
 
     async def agent_ctl(self, index: int, data: bytes, tick: RunningTick | None) -> None:
         commands = parse_agent_ctl(data)
@@ -216,12 +258,12 @@ class Runtime:
                 self.log.append(txn, index, {"time": now, "event": "ctl",
                                              "command": _describe(command)})
             self.store.put_agent(txn, record)
-            return record.status == "active"
+            return record.awake
 
-        active = await self.committer.commit(apply)
+        awake = await self.committer.commit(apply)
         for old in dropped:
             await self.name_dropped(old)
-        if active:
+        if awake:
             self.engine.notify(index)
 
     def apply_ctl(self, txn: Txn, record: AgentRecord, command: Command) -> None:
@@ -232,27 +274,32 @@ class Runtime:
         if verb == "retries":
             record.max_failures = int(command.args[0])
         elif verb == "wake":
-            self.inbox.append(txn, record.index, {"type": "wake", "data": command.text})
-            if record.status == "dormant":
-                record.status = "active"
+            self.queue_trigger(txn, record, {"type": "wake", "data": command.text})
         elif verb == "program":
             record.program = list(command.args)
         elif verb == "name":
             self.store.set_name(txn, record, command.args[0])
-        elif verb == "sleep" and record.status == "active":
-            record.status = "dormant"
+        elif verb == "sleep":
+            lifecycle.sleep(record)
         elif verb == "terminate":
-            record.status = "terminated"
-        elif verb == "recover" and record.status == "failed":
-            record.failures = 0
-            has_work = self.inbox.first(txn, record.index) is not None
-            record.status = "active" if has_work else "dormant"
+            lifecycle.terminate(record)
+            self.alarms.set(txn, record, None)
+        elif verb == "recover":
+            lifecycle.recover(record, self.inbox.first(txn, record.index) is not None)
+        elif verb == "alarm":
+            raw = command.args[0]
+            self.alarms.set(txn, record, None if raw == "cancel" else
+                            Alarm.decode(json.loads(raw)))
+        elif verb == "idle":
+            record.idle = float(command.args[0])
+        elif verb == "token":
+            record.token = command.args[0] or None
 
     async def _tick_ctl(self, tick: RunningTick, commands: list[Command]) -> None:
         charges = dict(tick.overlay.charges)
         for command in commands:
-            if command.verb == "retries":
-                raise errors.invalid("ctl: retries is set from outside the agent")
+            if command.verb in OWNER_VERBS:
+                raise errors.invalid(f"ctl: {command.verb} is set from outside the agent")
             if command.verb in ("charge", "spend"):
                 key = "used_daily_api_calls" if command.verb == "charge" else \
                     "used_daily_spend_sats"
@@ -306,11 +353,10 @@ class Runtime:
 
         def apply(txn: Txn) -> bool:
             record = self._writable(txn, index)
-            fresh = [m for m in messages if self.inbox.append(txn, index, m) is not None]
-            if fresh and record.status == "dormant":
-                record.status = "active"
+            changed = [self.queue_trigger(txn, record, m) for m in messages]
+            if any(changed):
                 self.store.put_agent(txn, record)
-            return record.status == "active"
+            return record.awake
 
         if await self.committer.commit(apply):
             self.engine.notify(index)
@@ -378,9 +424,7 @@ class Runtime:
         for warning in crossed:
             self.log.append(txn, record.index, {"time": now, "event": "budget",
                                                 "warning": warning})
-            self.inbox.append(txn, record.index, {"type": "budget", **warning})
-            if record.status == "dormant":
-                record.status = "active"
+            self.queue_trigger(txn, record, {"type": "budget", **warning})
         return bool(crossed)
 
     async def commit_state(self, index: int, op: Callable[[state.StateView], T]) -> T:
@@ -399,7 +443,7 @@ class Runtime:
             warned = self.warn_budget(txn, record, now=rfc3339_now())
             if warned:
                 self.store.put_agent(txn, record)
-            return result, warned and record.status == "active"
+            return result, warned and record.awake
 
         result, wake = await self.committer.commit(apply)
         if wake:
@@ -503,6 +547,14 @@ async def _nothing(name: str) -> None:
 
 
 def _describe(command: Command) -> str:
+    if command.verb == "token":
+        return "token set" if command.args[0] else "token none"
+    if command.verb == "alarm":
+        raw = command.args[0]
+        alarm = None if raw == "cancel" else Alarm.decode(json.loads(raw))
+        return f"alarm {alarm.describe()}" if alarm else "alarm cancel"
+    if command.verb == "idle":
+        return f"idle {format_duration(float(command.args[0]))}"
     if command.verb == "wake":
         return f"wake {command.text}".rstrip()
     return " ".join((command.verb, *command.args)) if command.verb != "program" else \

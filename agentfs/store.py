@@ -12,6 +12,9 @@ Layout (named databases; an agent is its 4-byte big-endian creation index `ix`):
     counters  ix + counter name -> 8-byte integer
     seen      ix + message id -> seq: ids accepted (pending or consumed), so a retry is dropped
     ports     port name + b"\\0" + seq (8 bytes) -> a plumb message queued for drivers
+    alarms    due time (8 bytes, unix ms) + ix -> b"": every agent's alarm (see alarms.py)
+    awake     ix -> b"": agents the daemon must keep an eye on after a restart (creating,
+              active, or with a lifecycle trigger to run); kept by `put_agent`
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .identity import npub_encode
 
 STORE_VERSION = 1
 DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters",
-            "seen", "ports")
+            "seen", "ports", "alarms", "awake")
 
 # Address space only: LMDB grows the file as pages are written, not to the map size.
 DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
@@ -72,7 +75,7 @@ class AgentRecord:
     pubkey: str
     name: str | None = None
     program: list[str] | None = None
-    status: str = "dormant"  # creating | dormant | failed | terminated ("active" is derived)
+    status: str = "creating"  # creating | active | dormant | failed | terminated
     ticks: int = 0
     last: str | None = None
     created: str = ""
@@ -81,6 +84,16 @@ class AgentRecord:
     failures: int = 0
     max_failures: int = 3
     checkpoint: dict[str, Any] | None = None  # {"seq": trigger seq, "count": n} mid-tick
+    hook: str | None = None  # a lifecycle trigger still to run: create wake sleep terminate error
+    hook_error: str | None = None  # why the agent failed, for its `error` trigger
+    idle: float | None = None  # seconds idle before it hibernates (None: the default)
+    alarm: dict[str, Any] | None = None  # see alarms.Alarm
+    token: str | None = None  # SHA-256 (hex) of the bearer token the HTTP driver checks
+
+    @property
+    def awake(self) -> bool:
+        """Whether the daemon must hold anything for it: a timer, or a trigger to run."""
+        return self.status in ("creating", "active") or self.hook is not None
 
     @property
     def npub(self) -> str:
@@ -209,7 +222,17 @@ class AgentStore:
         return record
 
     def put_agent(self, txn: Txn, record: AgentRecord) -> None:
-        txn.put(agent_key(record.index), record.encode(), db=self.db["agents"])
+        key = agent_key(record.index)
+        txn.put(key, record.encode(), db=self.db["agents"])
+        if record.awake:
+            txn.put(key, b"", db=self.db["awake"])
+        else:
+            txn.delete(key, db=self.db["awake"])
+
+    def awake(self, txn: Txn) -> Iterator[int]:
+        """The agents that are not asleep: creating, active, or with a hook to run."""
+        for key, _value in txn.cursor(db=self.db["awake"]):
+            yield int.from_bytes(key, "big")
 
     def index_by_pubkey(self, txn: Txn, pubkey: bytes) -> int | None:
         raw = txn.get(pubkey, db=self.db["pubkeys"])

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import trio
 
-from . import budget, errors
+from . import budget, errors, lifecycle
 from .inbox import Message, rfc3339_now
 from .overlay import TickOverlay
 from .plumbing import Delivered
@@ -60,6 +60,7 @@ class RunningTick:
     finished: bool = False  # its program ended: its overlay is frozen for the commit
     asleep: bool = False  # it wrote `sleep`, committed at a checkpoint
     terminated: bool = False  # it wrote `terminate`, committed at a checkpoint
+    hook: str | None = None  # the lifecycle trigger it runs, if not a queued message
 
     @property
     def index(self) -> int:
@@ -133,6 +134,7 @@ class TickEngine:
         self._daemon_pid = os.getpid()
         self._scheduled: set[int] = set()
         self._waiting_reset: set[int] = set()
+        self._idle_timers: dict[int, trio.CancelScope] = {}  # active agents with nothing to do
         self._zombies: set[int] = set()
         self._limiter = trio.CapacityLimiter(jobs)
         self._nursery: trio.Nursery | None = None
@@ -226,7 +228,7 @@ class TickEngine:
             nursery.start_soon(self._sweep)
             store, inbox = self.runtime.store, self.runtime.inbox
             with store.read() as txn:
-                for index in inbox.agents_with_pending(txn):
+                for index in {*store.awake(txn), *inbox.agents_with_pending(txn)}:
                     self.notify(index)
             task_status.started()
             await trio.sleep_forever()
@@ -253,11 +255,46 @@ class TickEngine:
                 if not outcome.ok:
                     with self.runtime.store.read() as txn:
                         record = self.runtime.store.require_agent(txn, index)
-                    if record.status != "active":
-                        return
-                    await trio.sleep(min(MAX_BACKOFF, 2.0 ** (record.failures - 1)))
+                    if record.status == "active" and record.failures:
+                        await trio.sleep(min(MAX_BACKOFF, 2.0 ** (record.failures - 1)))
         finally:
             self._scheduled.discard(index)
+
+    # -- hibernation -----------------------------------------------------------
+
+    def _idle_from_now(self, index: int, record: AgentRecord) -> None:
+        """An active agent has nothing to do: it hibernates if it stays so for its idle time."""
+        idle = lifecycle.DEFAULT_IDLE if record.idle is None else record.idle
+        deadline = trio.current_time() + idle
+        timer = self._idle_timers.get(index)
+        if timer is not None:
+            timer.deadline = deadline
+            return
+        timer = self._idle_timers[index] = trio.CancelScope(deadline=deadline)
+        self._nursery_start(self._watch_idle, index)
+
+    async def _watch_idle(self, index: int) -> None:
+        try:
+            with self._idle_timers[index]:
+                await trio.sleep_forever()
+        finally:
+            del self._idle_timers[index]  # from now on a drain that ends sets a new timer
+        if index not in self._scheduled and \
+                await self.runtime.committer.commit(lambda t: self._hibernate(t, index)):
+            self.notify(index)
+
+    def _hibernate(self, txn: Txn, index: int) -> bool:
+        """Put an agent that stayed idle to sleep; True if its `sleep` trigger is to run."""
+        store = self.runtime.store
+        record = store.agent(txn, index)
+        if record is None or record.status != "active" or record.hook is not None or \
+                index in self.running or self.runtime.inbox.first(txn, index) is not None:
+            return False
+        lifecycle.sleep(record)
+        if not record.program:
+            record.hook = None
+        store.put_agent(txn, record)
+        return record.hook is not None
 
     async def _tick_once(self, index: int) -> Outcome | None:
         runtime = self.runtime
@@ -265,23 +302,34 @@ class TickEngine:
             with runtime.store.read() as txn:
                 record = runtime.store.require_agent(txn, index)
                 first = runtime.inbox.first(txn, index)
-            if record.status != "active":
+            hook = record.hook
+            if hook is not None and not record.program:
+                if lifecycle.drop_without_program(record):
+                    await runtime.committer.commit(lambda t: runtime.store.put_agent(t, record))
+                    return Outcome(True)  # look again: the agent may have work
+                return None
+            if hook is None and record.status != "active":
                 return None
             await runtime.settle(index, locked=True)  # files made outside go in before the tick
-            if first is None or not record.program:
+            if hook is None and (first is None or not record.program):
                 if first is None:
-                    await runtime.committer.commit(lambda t: self._settle(t, index))
+                    self._idle_from_now(index, record)
                 return None
             if self._compute_spent(record):
                 await runtime.committer.commit(lambda t: self._refuse_compute(t, index))
                 self._nursery_start(self._wake_at_reset, index)
                 return None
-            seq, trigger = first
+            if hook is not None:
+                seq, trigger = 0, lifecycle.trigger(record)
+            else:
+                assert first is not None
+                seq, trigger = first
             trigger["attempt"] = record.failures + 1
             if record.checkpoint is not None and record.checkpoint.get("seq") == seq:
                 trigger["resume"] = {"checkpoint": record.checkpoint["count"]}
             tick = RunningTick(record, record.npub, seq, trigger,
-                               TickOverlay(runtime.store, index))
+                               TickOverlay(runtime.store, index), hook=hook)
+            tick.terminated = hook == "terminate"
             with runtime.store.read() as txn:
                 tick.storage_base = runtime.storage_bytes(txn, index)
             tick.checkpoints = (record.checkpoint or {}).get("count", 0) \
@@ -411,14 +459,6 @@ class TickEngine:
 
     # -- commit and rollback (run inside the committer's transaction) ---------
 
-    def _settle(self, txn: Txn, index: int) -> None:
-        """An active agent with nothing left to do goes dormant."""
-        store = self.runtime.store
-        record = store.require_agent(txn, index)
-        if record.status == "active" and self.runtime.inbox.first(txn, index) is None:
-            record.status = "dormant"
-            store.put_agent(txn, record)
-
     def _apply_overlay(self, txn: Txn, tick: RunningTick, record: AgentRecord,
                        extra: list[Message], now: str) -> tuple[int, bool]:
         """Write the tick's effects so far; returns (messages sent, asked to sleep)."""
@@ -491,7 +531,10 @@ class TickEngine:
         changes = len(tick.overlay.changes)
         sent, asleep = self._apply_overlay(txn, tick, record, replies, now)
         asleep = asleep or tick.asleep
-        runtime.inbox.consume(txn, index, tick.seq)
+        if tick.hook is None:
+            runtime.inbox.consume(txn, index, tick.seq)
+        else:
+            lifecycle.finished(record, tick.hook)
         record.usage["used_daily_compute"] = record.usage.get("used_daily_compute", 0) + \
             outcome.duration
         record.usage["last_tick_duration"] = outcome.duration
@@ -499,15 +542,13 @@ class TickEngine:
         record.failures = 0
         record.checkpoint = None
         record.last = f"{now} ok"
-        if record.status == "active":  # not if put to sleep, or terminated, meanwhile
-            more = runtime.inbox.first(txn, index) is not None
-            record.status = "active" if more and not asleep else "dormant"
+        if asleep:
+            lifecycle.sleep(record)
         runtime.warn_budget(txn, record, now)
         store.put_agent(txn, record)
         entry: dict[str, Any] = {
             "time": now, "event": "tick", "tick": record.ticks, "result": "ok",
-            "trigger": {"id": tick.trigger.get("id"), "seq": tick.seq,
-                        "type": tick.trigger.get("type")},
+            "trigger": _described(tick),
             "duration": round(outcome.duration, 6), "state_changes": changes, "sent": sent,
         }
         if outcome.stderr:
@@ -523,20 +564,34 @@ class TickEngine:
         record.usage["used_daily_compute"] = record.usage.get("used_daily_compute", 0) + \
             outcome.duration
         record.last = f"{now} error: {outcome.error}"
-        if record.failures >= record.max_failures and record.status == "active":
-            record.status = "failed"
+        if tick.hook in lifecycle.REPORTS:
+            record.failures -= 1  # the transition it reports stands: nothing to retry
+            record.checkpoint = None
+            lifecycle.finished(record, tick.hook)
+        elif tick.hook == "create":
+            lifecycle.fail(record, f"create: {outcome.error}")
+        elif record.failures >= record.max_failures and record.status == "active":
+            lifecycle.fail(record, outcome.error)
         self.runtime.warn_budget(txn, record, now)
         store.put_agent(txn, record)
         entry: dict[str, Any] = {
             "time": now, "event": "tick", "result": "error", "error": outcome.error,
-            "trigger": {"id": tick.trigger.get("id"), "seq": tick.seq,
-                        "type": tick.trigger.get("type")},
-            "attempt": record.failures, "duration": round(outcome.duration, 6),
+            "trigger": _described(tick),
+            "attempt": record.failures + (tick.hook in lifecycle.REPORTS),
+            "duration": round(outcome.duration, 6),
             "stderr": outcome.stderr.decode("utf-8", errors="replace"),
         }
-        if record.status == "failed":
-            entry["status"] = f"failed after {record.failures} consecutive errors"
+        if record.status == "failed" and record.hook == "error":
+            entry["status"] = "failed: create failed" if tick.hook == "create" else \
+                f"failed after {record.failures} consecutive errors"
         self.runtime.log.append(txn, index, entry)
+
+
+def _described(tick: RunningTick) -> dict[str, Any]:
+    """The trigger as a log line names it."""
+    if tick.hook is not None:
+        return {"type": tick.hook, "lifecycle": True}
+    return {"id": tick.trigger.get("id"), "seq": tick.seq, "type": tick.trigger.get("type")}
 
 
 async def _feed(stream: Any, data: bytes) -> None:

@@ -12,6 +12,8 @@ import pyfuse3
 class Kind(enum.Enum):
     ROOT = "root"
     ROOT_CTL = "root ctl"
+    ALARMS = "alarms"
+    TOKENS = "tokens"
     TICKS = ".tick"
     LINK = "name"
     AGENT = "agent"
@@ -38,6 +40,9 @@ class ServedFile:
 ROOT_FILES = (
     ServedFile("ctl", Kind.ROOT_CTL, stat.S_IFREG | 0o600, stat.S_IFREG | 0o400),
     ServedFile("plumb", Kind.PLUMB, stat.S_IFDIR | 0o755, stat.S_IFDIR | 0o555),
+    # For drivers: the timer's due times, and the HTTP driver's token hashes.
+    ServedFile("alarms", Kind.ALARMS, stat.S_IFREG | 0o444, stat.S_IFREG | 0o444),
+    ServedFile("tokens", Kind.TOKENS, stat.S_IFREG | 0o400, stat.S_IFREG | 0o000),
 )
 
 # plumb/ holds these and one file per port the rules name (mode PORT_MODE).

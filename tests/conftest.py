@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import pytest
+from relay import relay  # noqa: F401  (the fixture: a real Nostr relay)
 
 AGENTFS = [sys.executable, "-m", "agentfs"]
 T = TypeVar("T")
