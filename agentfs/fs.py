@@ -28,9 +28,11 @@ from .ticks import RunningTick
 from .tree import (
     AGENT_FILE_BY_NAME,
     AGENT_FILES,
+    CHILDREN,
+    DIRS,
     JOURNALS,
-    PLUMB_FILES,
     PORT_MODE,
+    REPLACED,
     ROOT_FILES,
     SERVED_BY_KIND,
     InodeTable,
@@ -40,6 +42,7 @@ from .tree import (
 
 T = TypeVar("T")
 REFUSED = 1 << 40  # a handle flag beyond open(2)'s: a write through it was refused
+TRUNCATED = 1 << 41  # opened with O_TRUNC: closing it replaces the text, even with nothing
 logger = logging.getLogger("agentfs")
 
 # Directories and files of the fixed tree never move and their attributes do not change
@@ -162,8 +165,8 @@ class AgentFs(pyfuse3.Operations):
         if kind is Kind.PORT:
             attrs.st_mode = PORT_MODE
             attrs.st_nlink = 1
-        elif kind in (Kind.ROOT, Kind.TICKS, Kind.AGENT, Kind.PLUMB):
-            attrs.st_mode = stat.S_IFDIR | (0o755 if kind in (Kind.ROOT, Kind.PLUMB) else 0o700)
+        elif kind in DIRS:
+            attrs.st_mode = stat.S_IFDIR | (0o700 if kind in (Kind.TICKS, Kind.AGENT) else 0o755)
             attrs.st_nlink = 2
             attrs.entry_timeout = attrs.attr_timeout = STABLE_TIMEOUT
         elif kind is Kind.LINK:
@@ -233,11 +236,11 @@ class AgentFs(pyfuse3.Operations):
             if index is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return Node(Kind.AGENT, index, tick=True)
-        if parent.kind is Kind.PLUMB:
-            for served in PLUMB_FILES:
+        if parent.kind in CHILDREN:
+            for served in CHILDREN[parent.kind]:
                 if served.name == name:
                     return Node(served.kind)
-            if name in self.runtime.plumbing.ports():
+            if parent.kind is Kind.PLUMB and name in self.runtime.plumbing.ports():
                 return Node(Kind.PORT, path=name)
             raise pyfuse3.FUSEError(errno.ENOENT)
         if parent.kind is Kind.AGENT:
@@ -298,9 +301,10 @@ class AgentFs(pyfuse3.Operations):
                         entries.append((record.name, Node(Kind.LINK, record.index)))
         elif node.kind is Kind.AGENT:
             entries = [(f.name, Node(f.kind, node.index, tick=node.tick)) for f in AGENT_FILES]
-        elif node.kind is Kind.PLUMB:
-            entries = [(f.name, Node(f.kind)) for f in PLUMB_FILES]
-            entries += [(p, Node(Kind.PORT, path=p)) for p in self.runtime.plumbing.ports()]
+        elif node.kind in CHILDREN:
+            entries = [(f.name, Node(f.kind)) for f in CHILDREN[node.kind]]
+            if node.kind is Kind.PLUMB:
+                entries += [(p, Node(Kind.PORT, path=p)) for p in self.runtime.plumbing.ports()]
         elif node.kind is Kind.STATE:
             entry = self.runtime.state_read(node.index, tick, node.path)
             if entry is None:
@@ -403,6 +407,8 @@ class AgentFs(pyfuse3.Operations):
         if node.kind is Kind.STATE and writing and flags & os.O_TRUNC:  # atomic_o_trunc is on
             async with self._refusals(node, f"truncate state/{node.path}"):
                 await self.runtime.state_empty(node.index, tick, node.path, create=False)
+        if node.kind in REPLACED and writing and flags & os.O_TRUNC:
+            flags |= TRUNCATED
         fh = self._new_fh(Handle(node, tick, flags))
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
@@ -476,6 +482,10 @@ class AgentFs(pyfuse3.Operations):
             return self.runtime.budget_text(node.index)
         if node.kind is Kind.PLUMB_RULES:
             return self.runtime.plumbing.rules_text()
+        if node.kind is Kind.NOSTR_RELAYS:
+            return self.runtime.nostr.relays_text()
+        if node.kind is Kind.NOSTR_SINCE:
+            return self.runtime.nostr.since_text()
         if node.kind is Kind.ALARMS:
             return self.runtime.alarms_text()
         if node.kind is Kind.TOKENS:
@@ -509,15 +519,15 @@ class AgentFs(pyfuse3.Operations):
                 await runtime.agent_ctl(node.index, buf, tick)
             elif kind is Kind.BUDGET:
                 await runtime.budget_write(node.index, buf, tick)
-            elif kind is Kind.PLUMB_RULES:
-                # The new rules take effect as a whole at close; a text that ends a line is
-                # checked at once, so that the writer hears of a syntax error from write(2).
+            elif kind in REPLACED:
+                # The new text takes effect as a whole at close; a text that ends a line is
+                # checked at once, so that the writer hears of a mistake from write(2).
                 text = bytes(handle.partial) + buf
                 if text.endswith(b"\n"):
                     try:
-                        runtime.plumbing.check_rules(text, complete=False)
+                        self._replacer(kind)[0](text, False)
                     except errors.FsError:
-                        handle.flags |= REFUSED  # nothing of this open installs rules
+                        handle.flags |= REFUSED  # nothing of this open replaces the text
                         raise
                 handle.partial = bytearray(text)
             elif kind is Kind.PLUMB_SEND:
@@ -547,20 +557,32 @@ class AgentFs(pyfuse3.Operations):
         if isinstance(handle, Handle) and handle.node.kind is Kind.STATE and handle.tick is None:
             async with self._refusals(handle.node, f"close state/{handle.node.path}"):
                 await self.runtime.settle(handle.node.index)
-        if isinstance(handle, Handle) and handle.partial:
+        if isinstance(handle, Handle) and (handle.partial or handle.flags & TRUNCATED):
             rest = bytes(handle.partial)
             handle.partial.clear()
-            async with self._refusals(handle.node, f"write {handle.node.kind.value}"):
-                if handle.node.kind is Kind.PLUMB_RULES:
+            kind = handle.node.kind
+            async with self._refusals(handle.node, f"write {kind.value}"):
+                if kind in REPLACED:
+                    handle.flags &= ~TRUNCATED  # replaced once, at the first close or fsync
                     if handle.flags & REFUSED:
-                        raise errors.invalid("plumb/rules: a write was refused; rules unchanged")
-                    await self.runtime.plumbing.set_rules(rest)
+                        raise errors.invalid(f"{kind.value}: a write was refused; unchanged")
+                    await self._replacer(kind)[1](rest)
                 else:
                     await self._deliver(handle, rest)
 
+    def _replacer(self, kind: Kind) -> tuple[Callable[[bytes, bool], object],
+                                              Callable[[bytes], Awaitable[None]]]:
+        """How a file replaced as a whole is checked, and set."""
+        runtime = self.runtime
+        if kind is Kind.PLUMB_RULES:
+            return runtime.plumbing.check_rules, runtime.plumbing.set_rules
+        if kind is Kind.NOSTR_RELAYS:
+            return runtime.nostr.check_relays, runtime.nostr.set_relays
+        return runtime.nostr.check_since, runtime.nostr.set_since
+
     async def release(self, fh: int) -> None:
         handle = self._handles.get(fh)
-        if isinstance(handle, Handle) and handle.partial:
+        if isinstance(handle, Handle) and (handle.partial or handle.flags & TRUNCATED):
             # Already logged if refused: release cannot report an error.
             with trio.CancelScope(shield=True), contextlib.suppress(pyfuse3.FUSEError):
                 await self.flush(fh)

@@ -21,6 +21,8 @@ from plumber.message import split_wire
 from . import errors
 from .inbox import Message as InboxMessage
 from .inbox import stamp_id
+from .nostr.bridge import ATTRS as NOSTR_ATTRS
+from .nostr.bridge import PORT as NOSTR_PORT
 from .store import Txn, scan_prefix
 
 RULES_KEY = b"plumb-rules"
@@ -57,8 +59,9 @@ def from_outbox(message: InboxMessage) -> Message:
     """An agent's sent message as a plumb message, so the rules can route it."""
     data = message.get("data", "")
     attr = {"id": str(message["id"]), "hops": str(message.get("hops", 0))}
-    if message.get("in_reply_to"):
-        attr["in_reply_to"] = str(message["in_reply_to"])
+    for name in ("in_reply_to", *NOSTR_ATTRS):
+        if message.get(name):
+            attr[name] = str(message[name])
     return Message(src=str(message.get("from", "")), dst=str(message.get("to") or ""), wdir="",
                    type=str(message.get("type", "text")), attr=attr,
                    data=data if isinstance(data, str) else json.dumps(data))
@@ -141,12 +144,18 @@ class Plumbing:
 
     # -- routing (inside a write transaction) ----------------------------------------------
 
-    def route(self, txn: Txn, message: Message, delivered: Delivered) -> str:
-        """Deliver `message` by the rules; returns the port.  NoRoute becomes EINVAL."""
+    def route(self, txn: Txn, message: Message, delivered: Delivered,
+              sender: int | None = None) -> str:
+        """Deliver `message` by the rules; returns the port.  NoRoute becomes EINVAL.
+
+        `sender` is the agent whose outbox it comes from: the one that signs it, if the
+        rules send it to Nostr.
+        """
         # An agent is a port too: the one a dst names is all routing needs to know of them.
         dst_is_agent = bool(message.dst) and self.runtime.resolve(txn, message.dst) is not None
         try:
-            decision = route(self.rules, message, ports=[message.dst] if dst_is_agent else [])
+            decision = route(self.rules, message, ports=[message.dst] if dst_is_agent else [],
+                             addresses=True)
         except NoRoute as e:
             raise errors.invalid(f"plumb: {e.reason}") from None
         index = self.runtime.resolve(txn, decision.port) if decision.port else None
@@ -154,6 +163,10 @@ class Plumbing:
             if not self.runtime.accept(txn, index, to_inbox(decision.message)):
                 raise errors.denied(f"plumb: agent {decision.port} is terminated")
             delivered.agents.add(index)
+        elif decision.port == NOSTR_PORT:
+            self._enqueue(txn, NOSTR_PORT,
+                          self.runtime.nostr.outgoing(txn, decision.message, sender))
+            delivered.ports.add(NOSTR_PORT)
         elif decision.port:
             self._enqueue(txn, decision.port, decision.message)
             delivered.ports.add(decision.port)

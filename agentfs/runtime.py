@@ -22,6 +22,7 @@ from .ctl import OWNER_VERBS, TICK_VERBS, Command, parse_agent_ctl, parse_root_c
 from .identity import agent_private_key, npub_decode, npub_encode, public_key
 from .inbox import Inbox, Message, check_id, parse_lines, rfc3339_now, stamp_id
 from .journal import Journal, encode_line
+from .nostr.bridge import NostrBridge, json_event
 from .plumbing import Delivered, Plumbing, from_outbox
 from .store import AgentRecord, AgentStore, Txn, agent_key
 from .ticks import RunningTick, TickEngine
@@ -41,6 +42,7 @@ class Runtime:
         self.committer = CommitQueue(store)
         self.engine = TickEngine(self, mountpoint, jobs)
         self.plumbing = Plumbing(self)
+        self.nostr = NostrBridge(self)
         self._locks: dict[int, trio.Lock] = {}
         # Files made empty by create or O_TRUNC, not yet committed: see `state_empty`.
         self._unwritten: dict[int, dict[str, state.Entry]] = {}
@@ -165,7 +167,7 @@ class Runtime:
                 # Two agents that answer every message would answer each other forever.
                 raise errors.invalid(f"passed through {MAX_HOPS} agents: a loop?")
             if index is None:
-                self.plumbing.route(txn, from_outbox(message), delivered)
+                self.plumbing.route(txn, from_outbox(message), delivered, sender)
             elif self.accept(txn, index, {k: v for k, v in message.items()
                                           if k not in ("seq", "time", "to")}):
                 delivered.agents.add(index)
@@ -190,6 +192,8 @@ class Runtime:
         Returns whether `record` changed (the caller puts it).  An alarm's firing advances
         the alarm; a stale one (fired before, or cancelled) is dropped with a log line.
         """
+        if json_event(message):
+            message = self.nostr.incoming(txn, record, message)
         fired = self.alarms.fired(txn, record, message)
         if fired is False:
             self.log.append(txn, record.index, {

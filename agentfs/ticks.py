@@ -116,6 +116,8 @@ def reply_for(line: bytes, trigger: Message) -> Message:
         message = {"type": "text", "data": text}
     if trigger.get("from") is not None:
         message.setdefault("to", trigger["from"])
+        if trigger.get("dm"):
+            message.setdefault("dm", trigger["dm"])  # answer a NIP-04 DM as NIP-04
     message.setdefault("in_reply_to", trigger.get("id"))
     return message
 

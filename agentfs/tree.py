@@ -27,6 +27,9 @@ class Kind(enum.Enum):
     PLUMB_RULES = "plumb/rules"
     PLUMB_SEND = "plumb/send"
     PORT = "port"
+    NOSTR = "nostr"
+    NOSTR_RELAYS = "nostr/relays"
+    NOSTR_SINCE = "nostr/since"
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,17 @@ ROOT_FILES = (
     # For drivers: the timer's due times, and the HTTP driver's token hashes.
     ServedFile("alarms", Kind.ALARMS, stat.S_IFREG | 0o444, stat.S_IFREG | 0o444),
     ServedFile("tokens", Kind.TOKENS, stat.S_IFREG | 0o400, stat.S_IFREG | 0o000),
+    ServedFile("nostr", Kind.NOSTR, stat.S_IFDIR | 0o755, stat.S_IFDIR | 0o555),
 )
+
+# nostr/: the Nostr driver's relay list and how far it has read.
+NOSTR_FILES = (
+    ServedFile("relays", Kind.NOSTR_RELAYS, stat.S_IFREG | 0o644, stat.S_IFREG | 0o444),
+    ServedFile("since", Kind.NOSTR_SINCE, stat.S_IFREG | 0o644, stat.S_IFREG | 0o444),
+)
+# Files whose text is replaced as a whole when a writer closes them.
+REPLACED = {Kind.PLUMB_RULES, Kind.NOSTR_RELAYS, Kind.NOSTR_SINCE}
+DIRS = {Kind.ROOT, Kind.TICKS, Kind.AGENT, Kind.PLUMB, Kind.NOSTR}
 
 # plumb/ holds these and one file per port the rules name (mode PORT_MODE).
 PLUMB_FILES = (
@@ -61,7 +74,8 @@ AGENT_FILES = (
     ServedFile("budget", Kind.BUDGET, stat.S_IFREG | 0o600, stat.S_IFREG | 0o400),
 )
 AGENT_FILE_BY_NAME = {f.name: f for f in AGENT_FILES}
-SERVED_BY_KIND = {f.kind: f for f in (*ROOT_FILES, *AGENT_FILES, *PLUMB_FILES)}
+SERVED_BY_KIND = {f.kind: f for f in (*ROOT_FILES, *AGENT_FILES, *PLUMB_FILES, *NOSTR_FILES)}
+CHILDREN = {Kind.PLUMB: PLUMB_FILES, Kind.NOSTR: NOSTR_FILES}
 
 JOURNALS = {Kind.OUTBOX, Kind.LOG}
 
@@ -77,7 +91,7 @@ class Node:
 
     @property
     def is_dir(self) -> bool:
-        return self.kind in (Kind.ROOT, Kind.TICKS, Kind.AGENT, Kind.PLUMB) or (
+        return self.kind in DIRS or (
             self.kind is Kind.STATE and self.path == "")
 
     def child_state(self, name: str) -> Node:

@@ -249,10 +249,14 @@ VERBS: dict[str, Callable[[Rule, Exec], bool]] = {
 # -- rule sets and routing ----------------------------------------------------------------
 
 
-def match_ruleset(ruleset: RuleSet, msg: Message, e: Exec) -> bool:
-    """Run the patterns in order; on success fill in dst and apply the click rewrite."""
+def match_ruleset(ruleset: RuleSet, msg: Message, e: Exec, address: bool = False) -> bool:
+    """Run the patterns in order; on success fill in dst and apply the click rewrite.
+
+    `address`: the message's dst names no port (an agentfs address, such as an npub
+    elsewhere or a URL), so rule sets of every port may take it, dst unchanged.
+    """
     port = ruleset.port
-    if msg.dst and port is not None and msg.dst != port:
+    if msg.dst and port is not None and msg.dst != port and not address:
         return False  # the one rule evaluated out of order
     if not all(VERBS[rule.verb](rule, e) for rule in ruleset.patterns):
         return False
@@ -265,12 +269,12 @@ def match_ruleset(ruleset: RuleSet, msg: Message, e: Exec) -> bool:
     return True
 
 
-def _dispose(ruleset: RuleSet, e: Exec, ports: Collection[str]) -> Route:
+def _dispose(ruleset: RuleSet, e: Exec, ports: Collection[str], address: bool) -> Route:
     command = ruleset.command
     argv = tuple(split_words(command.arg, e.lookup)) if command is not None else None
     start = argv if command is not None and command.verb == "start" else None
     client = argv if command is not None and command.verb == "client" else None
-    dst = e.msg.dst
+    dst = ruleset.port if address and ruleset.port is not None else e.msg.dst
     if not dst:
         if start is not None:
             return Route("", e.msg, start, None, ruleset)
@@ -283,18 +287,20 @@ def _dispose(ruleset: RuleSet, e: Exec, ports: Collection[str]) -> Route:
 
 
 def route(rules: Rules, message: Message, *, ports: Collection[str] = (),
-          stat: Stat = os.stat) -> Route:
+          stat: Stat = os.stat, addresses: bool = False) -> Route:
     """Route `message` by the first rule set that matches it, or raise NoRoute.
 
     `ports` names ports that exist besides those of the rules; `stat` tests files for
-    isfile and isdir.
+    isfile and isdir.  With `addresses` (agentfs's extension), a dst that names no port is
+    an address: any rule set may match it, and sends it to its port with dst unchanged.
     """
     known = set(rules.ports) | set(ports)
     msg = message.copy()
+    address = bool(message.dst) and message.dst not in known and addresses
     for ruleset in rules.rulesets:
         e = Exec(msg, rules.variables, stat)
-        if match_ruleset(ruleset, msg, e):
-            return _dispose(ruleset, e, known)
+        if match_ruleset(ruleset, msg, e, address and msg.dst == message.dst):
+            return _dispose(ruleset, e, known, address and msg.dst == message.dst)
     if message.dst:
         if message.dst in known:
             return Route(message.dst, message.copy())
