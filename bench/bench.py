@@ -14,6 +14,11 @@ Rows (issue 2, section 5):
   agents  time to create 10,000 agents (`new aN`, one line per write(2), one fd), and the
           daemon's RSS after; baselines: 10,000 durable LMDB commits, and the RSS of the
           freshly mounted daemon with no agents.
+  dormant daemon RSS over a store of 10,000 and of 100,000 dormant agents (written into the
+          store with its own API beforehand, keys derived as `new` does), and the wake
+          latency of a dormant agent (`idle 0`: it hibernates after every trigger, so each
+          one runs its `wake` hook first): inbox write(2) to main() of the trigger's own
+          run; baselines: the daemon over an empty store, and the latency of an awake agent.
 
 Everything lives in a temporary directory (the store on the disk of $TMPDIR or --dir, tmpfs
 trees under /dev/shm) and everything is unmounted at the end, error or not.
@@ -47,7 +52,7 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
 TICK_PROGRAM = "/bin/sh -c 'echo x > \"$AGENT_DIR/state/k\"'"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-ROWS = ("ticks", "wake", "state", "agents")
+ROWS = ("ticks", "wake", "state", "agents", "dormant")
 
 WAKE_C = r"""
 #include <fcntl.h>
@@ -91,6 +96,8 @@ class Sizes:
         self.agents = 300 if quick else 10_000
         self.lmdb_commits = 300 if quick else 2000
         self.derive_sample = 50 if quick else 300
+        self.dormant = (1000, 5000) if quick else (10_000, 100_000)
+        self.dormant_samples = 20 if quick else 100
 
 
 # -- processes and mounts ----------------------------------------------------------------
@@ -410,9 +417,9 @@ def run_ticks(fs: AgentfsMount, tag: str, agents: int, per_agent: int, sizes: Si
     fds = [os.open(fs.mp / n / "inbox", os.O_WRONLY) for n in npubs]
     assert fs.pid is not None
     try:
-        for fd in fds:  # warm-up: one tick each
+        for fd in fds:  # warm-up: one tick each, after each agent's `create`
             os.write(fd, b"warm-up\n")
-        wait_ticks(fs, npubs, 1, sizes.tick_timeout, 0.01)
+        wait_ticks(fs, npubs, 2, sizes.tick_timeout, 0.01)
         profiler = Profiler(profile_dir, fs.pid, f"ticks-{agents}")
         own0, kids0 = proc_cpu(fs.pid)
         t0 = time.perf_counter()
@@ -423,12 +430,12 @@ def run_ticks(fs: AgentfsMount, tag: str, agents: int, per_agent: int, sizes: Si
             for fd in fds:
                 os.write(fd, chunk)
             sent += k
-        done, complete = wait_ticks(fs, npubs, 1 + per_agent, sizes.tick_timeout, 0.01)
+        done, complete = wait_ticks(fs, npubs, 2 + per_agent, sizes.tick_timeout, 0.01)
         elapsed = time.perf_counter() - t0
         own1, kids1 = proc_cpu(fs.pid)
         notes = profiler.stop()
         if not complete:
-            done -= agents  # the warm-up ticks
+            done -= 2 * agents  # the create and warm-up ticks
         run = TickRun(done, elapsed, complete, own1 - own0, kids1 - kids0)
         run.errors, run.first_error = tick_errors(fs, npubs)
         return run, notes
@@ -478,6 +485,97 @@ class FifoReader:
         os.close(self.fd)
 
 
+def _derive_pubkeys(job: tuple[str, int, int]) -> list[str]:
+    sys.path.insert(0, str(ROOT))
+    from agentfs import identity
+
+    words, start, stop = job
+    return [identity.public_key(identity.agent_private_key(words, i)).hex()
+            for i in range(start, stop)]
+
+
+def fill_dormant(store: Path, n: int, program: list[str]) -> float:
+    """Write `n` dormant agents (named dN) into an unmounted store; returns seconds taken."""
+    import multiprocessing
+
+    sys.path.insert(0, str(ROOT))
+    from agentfs.store import AgentRecord, AgentStore
+
+    t0 = time.perf_counter()
+    s = AgentStore.open(store)
+    try:
+        with s.read() as txn:
+            words, first = s.mnemonic(txn), s.next_index(txn)
+        step = 2000
+        jobs = [(words, i, min(i + step, first + n)) for i in range(first, first + n, step)]
+        with multiprocessing.Pool(os.cpu_count() or 1) as pool:
+            for (_w, start, _stop), keys in zip(jobs, pool.imap(_derive_pubkeys, jobs),
+                                                strict=True):
+                with s.env.begin(write=True) as txn:
+                    for i, key in enumerate(keys, start):
+                        s.add_agent(txn, AgentRecord(i, key, f"d{i}", program, "dormant",
+                                                     created="2026-01-01T00:00:00Z"))
+                    txn.put(b"next_index", str(start + len(keys)).encode(), db=s.db["meta"])
+    finally:
+        s.close()
+    return time.perf_counter() - t0
+
+
+def unmounted_store(base: Path, name: str) -> Path:
+    store = base / f"{name}.store"
+    r = subprocess.run([PY, "-m", "agentfs", "init", str(store)], env=ENV,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"agentfs init: {r.stderr.strip()}")
+    return store
+
+
+def mount_store(base: Path, name: str, store: Path) -> AgentfsMount:
+    fs = AgentfsMount.__new__(AgentfsMount)
+    fs.store, fs.mp, fs.pid = store, base / f"{name}.mnt", None
+    fs.mp.mkdir()
+    r = subprocess.run([PY, "-m", "agentfs", "mount", "--store", str(store), str(fs.mp)],
+                       env=ENV, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"agentfs mount: {r.stderr.strip()}")
+    fs.pid = int((store / "daemon.pid").read_text().split()[0])
+    return fs
+
+
+def dormant_wake(fs: AgentfsMount, name: str, fifo: FifoReader, samples: int,
+                 hibernate: bool) -> list[float]:
+    """Inbox write(2) -> main() of the trigger's own run, the agent dormant (or awake) first."""
+    npub = fs.npub(name)
+    with open(fs.mp / npub / "ctl", "w") as f:
+        f.write("idle 0\n" if hibernate else "idle 1h\n")
+    fd = os.open(fs.mp / npub / "inbox", os.O_WRONLY)
+    out: list[float] = []
+    try:
+        for i in range(5 + samples):
+            before = int(fs.ctl(npub)["ticks"])
+            # Dormant: wake hook, the trigger, sleep hook; awake: the trigger alone.
+            runs = 3 if hibernate else 1
+            fifo.drain()
+            t0 = time.time_ns()
+            os.write(fd, b"w\n")
+            starts = [fifo.next_ns() for _ in range(2 if hibernate else 1)]
+            if starts[-1] is None:
+                raise RuntimeError(f"dormant: program did not start\n{fs.daemon_log()}")
+
+            def settled(before: int = before, runs: int = runs) -> bool:
+                c = fs.ctl(npub)
+                return int(c["ticks"]) >= before + runs and (
+                    c["status"] == "dormant" or not hibernate)
+
+            if not wait_for(settled, 30, 0.0005):
+                raise RuntimeError(f"dormant: agent did not settle: {fs.ctl(npub)}")
+            if i >= 5:
+                out.append((starts[-1] - t0) / 1e6)  # type: ignore[operator]
+    finally:
+        os.close(fd)
+    return out
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     k = (len(ordered) - 1) * p / 100
@@ -492,6 +590,7 @@ def run_wake(fs: AgentfsMount, exe: Path, base: Path, samples: int,
     try:
         fs.new_agents([f"new waker {exe} {base / 'wake.fifo'}\n"])
         npub = fs.npub("waker")
+        wait_for(lambda: fs.ctl(npub)["ticks"] == "1", 30)  # its `create`
         fd = os.open(fs.mp / npub / "inbox", os.O_WRONLY)
         assert fs.pid is not None
         profiler: Profiler | None = None
@@ -511,7 +610,7 @@ def run_wake(fs: AgentfsMount, exe: Path, base: Path, samples: int,
                     raise RuntimeError(f"wake: program did not start\n{fs.daemon_log()}")
                 # Sequential: the tick must be committed before the next write.
                 def committed(i: int = i) -> bool:
-                    return fs.ctl(npub)["ticks"] == str(i + 1)
+                    return fs.ctl(npub)["ticks"] == str(i + 2)
 
                 if not wait_for(committed, 30, 0.0005):
                     raise RuntimeError(f"wake: tick {i + 1} did not finish")
@@ -876,6 +975,48 @@ def main() -> int:
             notes.append(f"agents: daemon CPU {(own1 - own0) * 1e3 / n:.2f} ms per `new`; "
                          f"then listing the root ({listed} entries) took {ls_s:.2f} s and "
                          f"left RSS at {rss2:.0f} MB")
+
+        if "dormant" in only:
+            exe = compile_wake(base)
+            fifo_path = base / "dormant.fifo"
+            fifo = FifoReader(fifo_path)
+            undo.append(fifo.close)
+            program = [str(exe), str(fifo_path)] if exe else ["/bin/true"]
+            empty = mount_store(base, "empty", unmounted_store(base, "empty"))
+            undo.append(empty.close)
+            assert empty.pid is not None
+            time.sleep(0.5)  # the daemon settles after mounting
+            rss_empty = proc_rss_mb(empty.pid)
+            empty.close()
+            for n in sizes.dormant:
+                store = unmounted_store(base, f"dormant{n}")
+                log(f"dormant: writing {n:,} dormant agents into a store")
+                filled = fill_dormant(store, n, program)
+                fs = mount_store(base, f"dormant{n}", store)
+                undo.append(fs.close)
+                assert fs.pid is not None
+                time.sleep(0.5)  # the daemon settles after mounting
+                rss = proc_rss_mb(fs.pid)
+                rows.append((f"daemon RSS with {n:,} dormant agents", f"{rss:.0f} MB",
+                             f"same daemon over an empty store {rss_empty:.0f} MB",
+                             f"+{rss - rss_empty:.1f} MB",
+                             "flat: a few MB per 10,000 "
+                             f"({'yes' if rss - rss_empty < 5 * n / 10_000 else 'no'})"))
+                notes.append(f"dormant: {n:,} agents written into the store in {filled:.0f} s "
+                             "(records and keys, before mounting)")
+                if n == sizes.dormant[-1] and exe is not None:
+                    log(f"dormant: wake latency, {sizes.dormant_samples} samples")
+                    asleep = dormant_wake(fs, f"d{n // 2}", fifo, sizes.dormant_samples, True)
+                    awake = dormant_wake(fs, f"d{n // 3}", fifo, sizes.dormant_samples, False)
+                    for p in (50, 99):
+                        ours, hot = percentile(asleep, p), percentile(awake, p)
+                        rows.append((f"dormant agent wake latency p{p} (write(2) → main() of "
+                                     "the trigger's run, after its wake hook)", fmt_ms(ours),
+                                     f"an awake agent {fmt_ms(hot)}", f"{ours / hot:.1f}×",
+                                     "-"))
+                    rss_after = proc_rss_mb(fs.pid)
+                    notes.append(f"dormant: RSS after the wake samples {rss_after:.0f} MB")
+                fs.close()
 
     header.append(f"load average before: {load_before}; after: {loadavg()} "
                   "(other work on the machine skews every row)")
