@@ -570,7 +570,7 @@ def dormant_wake(fs: AgentfsMount, name: str, fifo: FifoReader, samples: int,
             if not wait_for(settled, 30, 0.0005):
                 raise RuntimeError(f"dormant: agent did not settle: {fs.ctl(npub)}")
             if i >= 5:
-                out.append((starts[-1] - t0) / 1e6)  # type: ignore[operator]
+                out.append((starts[-1] - t0) / 1e6)
     finally:
         os.close(fd)
     return out
