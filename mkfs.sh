@@ -40,9 +40,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 venv=${AGENTFS_VENV:-$root/.venv}
 python=${PYTHON:-python3}
 debs=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev jq curl bindfs)
-# The example agent: counts its ticks in state/count and answers each trigger with one line.
+# The example agent: counts the triggers it answers in state/count and answers each with one
+# line; it lets its lifecycle triggers (create, wake, sleep...) pass.
 # shellcheck disable=SC2016 # expanded by the agent's /bin/sh, not here
-echo_script='read -r msg; n=$(cat "$AGENT_DIR/state/count" 2>/dev/null || echo 0); echo $((n+1)) > "$AGENT_DIR/state/count"; echo "got: $msg"'
+echo_script='read -r msg; case $msg in *lifecycle\":true*) exit 0;; esac; n=$(cat "$AGENT_DIR/state/count" 2>/dev/null || echo 0); echo $((n+1)) > "$AGENT_DIR/state/count"; echo "got: $msg"'
 echo_program="/bin/sh -c '$echo_script'"
 
 name='' store='' mountpoint='' deps_only=''
