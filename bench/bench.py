@@ -19,6 +19,9 @@ Rows (issue 2, section 5):
           latency of a dormant agent (`idle 0`: it hibernates after every trigger, so each
           one runs its `wake` hook first): inbox write(2) to main() of the trigger's own
           run; baselines: the daemon over an empty store, and the latency of an awake agent.
+  plumb   plumb messages routed into inboxes per second: JSON messages written to plumb/send,
+          one per write(2), from 4 writers, routed by a rule to one of 4 agents; baseline: the
+          same messages written straight to the agents' inboxes.
 
 Everything lives in a temporary directory (the store on the disk of $TMPDIR or --dir, tmpfs
 trees under /dev/shm) and everything is unmounted at the end, error or not.
@@ -52,7 +55,7 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
 TICK_PROGRAM = "/bin/sh -c 'echo x > \"$AGENT_DIR/state/k\"'"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-ROWS = ("ticks", "wake", "state", "agents", "dormant")
+ROWS = ("ticks", "wake", "state", "agents", "dormant", "plumb")
 
 WAKE_C = r"""
 #include <fcntl.h>
@@ -98,6 +101,7 @@ class Sizes:
         self.derive_sample = 50 if quick else 300
         self.dormant = (1000, 5000) if quick else (10_000, 100_000)
         self.dormant_samples = 20 if quick else 100
+        self.plumb_messages = 400 if quick else 4000
 
 
 # -- processes and mounts ----------------------------------------------------------------
@@ -576,6 +580,47 @@ def dormant_wake(fs: AgentfsMount, name: str, fifo: FifoReader, samples: int,
     return out
 
 
+def parallel_writes(jobs: list[tuple[Path, list[bytes]]]) -> float:
+    """Each (file, lines) written one line per write(2) by its own thread; seconds taken."""
+    import threading
+
+    def write_all(path: Path, lines: list[bytes]) -> None:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for line in lines:
+                os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=write_all, args=job) for job in jobs]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def run_plumb(fs: AgentfsMount, n: int) -> tuple[float, float]:
+    """(routed messages/s through plumb/send, messages/s straight into inboxes)."""
+    names = [f"p{i}" for i in range(4)]
+    fs.new_agents([f"new {name}\n" for name in names])  # no program: messages stay queued
+    (fs.mp / "plumb" / "rules").write_text("".join(
+        f"type is {name}\nplumb to {name}\n\n" for name in names))
+    per = n // len(names)
+    routed = parallel_writes([
+        (fs.mp / "plumb" / "send",
+         [json.dumps({"src": "bench", "type": name, "data": f"m{i}"}).encode() + b"\n"
+          for i in range(per)]) for name in names])
+    direct = parallel_writes([
+        (fs.mp / name / "inbox", [f"d{i}\n".encode() for i in range(per)]) for name in names])
+    for name in names:
+        pending = fs.ctl(fs.npub(name))["pending"]
+        if pending != str(2 * per):
+            raise RuntimeError(f"plumb: {name} has {pending} pending, not {2 * per}")
+    return per * len(names) / routed, per * len(names) / direct
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     k = (len(ordered) - 1) * p / 100
@@ -1017,6 +1062,16 @@ def main() -> int:
                     rss_after = proc_rss_mb(fs.pid)
                     notes.append(f"dormant: RSS after the wake samples {rss_after:.0f} MB")
                 fs.close()
+
+        if "plumb" in only:
+            fs = AgentfsMount(base, "plumb")
+            undo.append(fs.close)
+            log(f"plumb: {sizes.plumb_messages} messages")
+            routed, direct = run_plumb(fs, sizes.plumb_messages)
+            fs.close()
+            rows.append(("plumb messages routed into inboxes /s (4 writers)", fmt_rate(routed),
+                         f"the same written straight to the inboxes {fmt_rate(direct)}",
+                         f"{routed / direct:.2f}×", "-"))
 
     header.append(f"load average before: {load_before}; after: {loadavg()} "
                   "(other work on the machine skews every row)")
