@@ -557,13 +557,13 @@ class AgentFs(pyfuse3.Operations):
         if isinstance(handle, Handle) and handle.node.kind is Kind.STATE and handle.tick is None:
             async with self._refusals(handle.node, f"close state/{handle.node.path}"):
                 await self.runtime.settle(handle.node.index)
-        if isinstance(handle, Handle) and (handle.partial or handle.flags & TRUNCATED):
+        if isinstance(handle, Handle) and handle.partial:
             rest = bytes(handle.partial)
             handle.partial.clear()
             kind = handle.node.kind
             async with self._refusals(handle.node, f"write {kind.value}"):
                 if kind in REPLACED:
-                    handle.flags &= ~TRUNCATED  # replaced once, at the first close or fsync
+                    handle.flags &= ~TRUNCATED  # replaced: the empty text is not wanted
                     if handle.flags & REFUSED:
                         raise errors.invalid(f"{kind.value}: a write was refused; unchanged")
                     await self._replacer(kind)[1](rest)
@@ -582,10 +582,16 @@ class AgentFs(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         handle = self._handles.get(fh)
-        if isinstance(handle, Handle) and (handle.partial or handle.flags & TRUNCATED):
+        if isinstance(handle, Handle) and handle.partial:
             # Already logged if refused: release cannot report an error.
             with trio.CancelScope(shield=True), contextlib.suppress(pyfuse3.FUSEError):
                 await self.flush(fh)
+        if isinstance(handle, Handle) and handle.flags & TRUNCATED and \
+                not handle.flags & REFUSED:
+            # `: > rules` wrote nothing: the text is now empty.  Not at flush, which a
+            # shell's `>` calls (closing the fd it dup2'd) before anything is written.
+            with trio.CancelScope(shield=True):
+                await self._replacer(handle.node.kind)[1](b"")
         if isinstance(handle, Handle) and handle.node.kind is Kind.PORT:
             self.runtime.plumbing.release(handle.node.path, fh)
         self._handles.pop(fh, None)
