@@ -1,0 +1,702 @@
+"""agentfs-http: HTTP in and out of an agentfs tree, through its files only.
+
+In: a POST becomes an inbox line (`/agents/NAME/inbox`, guarded by the agent's bearer token
+from the tree's `tokens`) or a plumb message (`/plumb`).  Out: each message of the plumb port
+`http` is POSTed to its attr `url` (else its dst), if that host is allowed, and acknowledged
+after a 2xx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import sys
+from dataclasses import dataclass, field
+from functools import partial
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from plumber.message import Message, MessageError, check_attr_name
+
+log = logging.getLogger("agentfs-http")
+
+MAX_BODY = 1 << 20  # bytes of a request body
+MAX_HEAD = 16 << 10  # bytes of a request line and headers
+MAX_PLUMB_LINE = 128 << 10  # the smallest largest FUSE write: plumb/send parses each write alone
+MAX_ID = 256  # bytes of an inbox id, as the tree allows
+REQUEST_TIMEOUT = 30.0  # seconds to receive a whole request
+IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may wait for its next request
+GRACE = 5.0  # seconds the requests under way get to finish after SIGTERM
+TOKEN_TTL = 1.0  # seconds a token found in the cache is trusted without reading `tokens`
+BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 60.0)  # seconds between tries of one delivery
+TRANSIENT = frozenset({408, 425, 429})  # 4xx answers worth trying again, as 5xx are
+AGENT_RE = re.compile(r"npub1[02-9ac-hj-np-z]{6,90}|[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+ID_RE = re.compile(r"[\x21-\x7e]{1,256}")  # an id a port can acknowledge: no blanks
+FORWARDED = ("content-type", "user-agent")  # headers that become plumb attrs, with x-*
+USER_AGENT = "agentfs-http/0.1"
+UNSUPPORTED = "the Content-Type must be application/json or text/plain (curl -d sends " \
+    "application/x-www-form-urlencoded: add -H 'Content-Type: application/json')"
+
+
+class Refusal(Exception):
+    """A request answered with a 4xx or 5xx and {"error": reason}; nothing was written."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+# What a refused write(2) to the tree means to the client: one table, as errnos are named once.
+TREE_ERRORS: dict[int, tuple[int, str]] = {
+    errno.EACCES: (403, "the agent is terminated"),
+    errno.EINVAL: (400, "the tree refused the message (EINVAL); the store's daemon.log says why"),
+    errno.ENOENT: (404, "no such agent"),
+    errno.ENOTCONN: (503, "the mount is gone"),
+    errno.ENODEV: (503, "the mount is gone"),
+}
+
+
+def tree_refusal(e: OSError, mounted: bool, what: str) -> Refusal:
+    if not mounted:
+        return Refusal(503, "the mount is gone")
+    status, reason = TREE_ERRORS.get(e.errno or 0, (500, f"{what}: {e.strerror}"))
+    if status == 400 and what == "plumb/send":
+        reason = "no rule routes the message (EINVAL); the store's daemon.log says why"
+    return Refusal(status, reason)
+
+
+def write_all(path: Path, data: bytes) -> None:
+    """open, write(2) until all is written, close: each write that returns is committed."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# -- tokens ------------------------------------------------------------------------------
+
+
+@dataclass
+class Tokens:
+    """The tree's `tokens` file (`NPUB NAME SHA256` a line), cached: read again on a miss, and
+    trusted on a hit for TOKEN_TTL seconds, so that a token changed or cleared stops working."""
+
+    path: Path
+    hashes: dict[str, tuple[str, str]] = field(default_factory=dict)  # npub or name: npub, hash
+    loaded: float = -TOKEN_TTL  # trio time the last read started
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    async def refresh(self, since: float) -> None:
+        """Read the file again, unless a read that started at or after `since` did."""
+        async with self.lock:
+            if self.loaded >= since:
+                return
+            started = trio.current_time()
+            await trio.to_thread.run_sync(self.load)
+            self.loaded = started
+
+    def load(self) -> None:
+        hashes: dict[str, tuple[str, str]] = {}
+        for line in self.path.read_text().splitlines():
+            words = line.split()
+            if len(words) == 3:
+                npub, name, digest = words
+                hashes[npub] = (npub, digest)
+                if name != "-":
+                    hashes[name] = (npub, digest)
+        self.hashes = hashes
+
+    def check(self, agent: str, token: str) -> str | None:
+        """The agent's npub if `token` is its token, as the cache has it, else None."""
+        entry = self.hashes.get(agent)
+        if entry and token and hmac.compare_digest(sha256(token), entry[1]):
+            return entry[0]
+        return None
+
+
+def bearer(headers: dict[str, str]) -> str:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+# -- requests ----------------------------------------------------------------------------
+
+
+@dataclass
+class Exchange:
+    """One request on a connection: its head, and its body read on demand."""
+
+    conn: h11.Connection
+    stream: trio.SocketStream
+    method: str
+    target: str
+    headers: dict[str, str]
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    def media_type(self) -> str:
+        return self.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+    async def body(self, limit: int) -> bytes:
+        if "content-length" not in self.headers:
+            raise Refusal(411, "a Content-Length is required")
+        try:
+            length = int(self.headers["content-length"])
+        except ValueError:
+            raise Refusal(400, "a bad Content-Length") from None
+        if length > limit:
+            raise Refusal(413, f"the body is over {limit} bytes")
+        if length == 0:
+            raise Refusal(400, "the body is empty")
+        body = bytearray()
+        while True:
+            event = await next_event(self.conn, self.stream)
+            if isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            else:
+                raise Refusal(400, "the body ended early")
+
+
+async def next_event(conn: h11.Connection, stream: trio.SocketStream) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        if conn.they_are_waiting_for_100_continue:
+            go_on = h11.InformationalResponse(status_code=100, headers=[])
+            await stream.send_all(conn.send(go_on) or b"")
+        conn.receive_data(await stream.receive_some(65536))
+
+
+def json_body(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise Refusal(400, f"the body is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise Refusal(400, "the body is not a JSON object")
+    return value
+
+
+def text_body(body: bytes) -> str:
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refusal(400, "the body is not UTF-8 text") from None
+
+
+def idempotency_key(headers: dict[str, str]) -> str | None:
+    key = headers.get("idempotency-key")
+    if key is not None and not ID_RE.fullmatch(key):
+        raise Refusal(400, "Idempotency-Key: 1 to 256 printable ASCII characters, no blanks")
+    return key
+
+
+def inbox_message(exchange: Exchange, body: bytes) -> dict[str, Any]:
+    """The inbox line a POST makes: a JSON object, or text; `from` http; an id always."""
+    kind = exchange.media_type()
+    if kind in ("", "application/json") or kind.endswith("+json"):
+        message = json_body(body)
+    elif kind == "text/plain":
+        message = {"type": "text", "data": text_body(body)}
+    else:
+        raise Refusal(415, UNSUPPORTED)
+    message["from"] = "http"
+    key = idempotency_key(exchange.headers)
+    if key is not None:
+        message["id"] = key
+    elif not (isinstance(message.get("id"), str) and message["id"]):
+        message["id"] = secrets.token_hex(16)
+    if len(message["id"].encode()) > MAX_ID:
+        raise Refusal(400, f"the id is longer than {MAX_ID} bytes")
+    return message
+
+
+def attr_name_ok(name: str) -> bool:
+    try:
+        check_attr_name(name)
+    except MessageError:
+        return False  # a header name with ' in it, say: left out
+    return True
+
+
+def plumb_message(exchange: Exchange, body: bytes) -> Message:
+    """The plumb message a POST makes: src http, with the request in its attrs."""
+    kind = exchange.media_type()
+    try:
+        if kind in ("", "application/json") or kind.endswith("+json"):
+            message = Message.from_json(json_body(body))
+        elif kind == "text/plain":
+            message = Message(type="text", data=text_body(body))
+        else:
+            raise Refusal(415, UNSUPPORTED)
+        message.src = "http"
+        attr = dict(message.attr)
+        attr.update(method=exchange.method, path=exchange.target)
+        for name, value in exchange.headers.items():
+            if (name in FORWARDED or name.startswith("x-")) and attr_name_ok(name):
+                attr[name] = value
+        key = idempotency_key(exchange.headers)
+        attr["id"] = key or attr.get("id") or secrets.token_hex(16)
+        if not ID_RE.fullmatch(attr["id"]):
+            raise Refusal(400, "attr id: 1 to 256 printable ASCII characters, no blanks")
+        message.attr = attr
+        message.validate()
+    except MessageError as e:
+        raise Refusal(400, f"not a plumb message: {e}") from None
+    return message
+
+
+# -- the server --------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    mountpoint: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    allow: frozenset[tuple[str, int | None]] = frozenset()
+    plumb_token_file: Path | None = None
+    plumb_port: str = "http"
+    timeout: float = 30.0
+
+
+class HttpDriver:
+    """The server for inbound POSTs and the courier for the plumb port, with one lifetime."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.mp = config.mountpoint
+        self.tokens = Tokens(self.mp / "tokens")
+        self.stopping = False
+        self._idle: set[trio.CancelScope] = set()
+        self.address = ""
+
+    # -- lifetime --
+
+    async def run(self, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        host, port = listeners[0].socket.getsockname()[:2]
+        self.address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        allow = " ".join(sorted(f"{h}:{p}" if p else h for h, p in self.config.allow))
+        log.info("listening on http://%s for %s; delivering plumb/%s to %s", self.address,
+                 self.mp, self.config.plumb_port, allow or "nowhere (no --allow)")
+        task_status.started(self.address)
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as main:
+                main.start_soon(self._wait_signal, main.cancel_scope)
+                main.start_soon(partial(trio.serve_listeners, handler_nursery=connections),
+                                self._connection, listeners)
+                if self.config.allow:
+                    main.start_soon(Courier(self).run)
+            # Stopped: no more connections; idle ones close; requests under way get GRACE.
+            self.stopping = True
+            for scope in self._idle:
+                scope.cancel()
+            connections.cancel_scope.deadline = trio.current_time() + GRACE
+        log.info("stopped")
+
+    async def _wait_signal(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("stopping on %s", signal.Signals(signum).name)
+                self.stopping = True
+                scope.cancel()
+                return
+
+    # -- connections --
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        peer = ":".join(str(p) for p in stream.socket.getpeername()[:2])
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        try:
+            while not self.stopping:
+                event: object = None
+                with trio.CancelScope() as idle:
+                    self._idle.add(idle)
+                    try:
+                        with trio.move_on_after(IDLE_TIMEOUT):
+                            event = await next_event(conn, stream)
+                    finally:
+                        self._idle.discard(idle)
+                if idle.cancelled_caught or not isinstance(event, h11.Request):
+                    return  # idle too long, stopping, or the client closed
+                with trio.move_on_after(REQUEST_TIMEOUT) as late:
+                    await self._exchange(conn, stream, event, peer)
+                if late.cancelled_caught:
+                    log.info("%s %s %s: timed out", peer, event.method.decode(),
+                             event.target.decode(errors="replace"))
+                    return
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError as e:
+            log.info("%s: bad HTTP: %s", peer, e)
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                await self._respond(conn, stream, e.error_status_hint, {"error": str(e)})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        finally:
+            try:
+                if conn.their_state not in (h11.IDLE, h11.DONE, h11.CLOSED, h11.ERROR):
+                    await linger(stream)
+            finally:
+                await stream.aclose()
+
+    async def _exchange(self, conn: h11.Connection, stream: trio.SocketStream,
+                        request: h11.Request, peer: str) -> None:
+        headers: dict[str, str] = {}
+        for name, value in request.headers:
+            key = name.decode("ascii").lower()
+            text = value.decode("utf-8", errors="replace")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        exchange = Exchange(conn, stream, request.method.decode("ascii"),
+                            request.target.decode("ascii", errors="replace"), headers)
+        what = f"{peer} {exchange.method} {exchange.path}"
+        try:
+            status, answer, detail = await self._route(exchange)
+        except Refusal as e:
+            status, answer, detail = e.status, {"error": e.reason}, e.reason
+        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            raise  # the client's doing: the connection ends
+        except Exception:  # a bug costs one request its answer, not the server its life
+            log.exception("%s: internal error", what)
+            status, answer, detail = 500, {"error": "internal error"}, "internal error"
+        log.info("%s %d %s", what, status, detail)
+        await self._respond(conn, stream, status, answer)
+
+    async def _respond(self, conn: h11.Connection, stream: trio.SocketStream, status: int,
+                       answer: dict[str, str]) -> None:
+        body = json.dumps(answer).encode() + b"\n"
+        headers = [("content-type", "application/json"), ("content-length", str(len(body))),
+                   ("server", USER_AGENT)]
+        if status == 405:
+            headers.append(("allow", "POST"))
+        if self.stopping or conn.their_state is not h11.DONE:
+            headers.append(("connection", "close"))  # the rest of their body is not wanted
+        response = h11.Response(status_code=status, headers=headers,
+                                reason=HTTPStatus(status).phrase)
+        await stream.send_all(b"".join(conn.send(event) or b"" for event in
+                                       (response, h11.Data(data=body), h11.EndOfMessage())))
+
+    # -- routes --
+
+    async def _route(self, exchange: Exchange) -> tuple[int, dict[str, str], str]:
+        parts = exchange.path.split("/")
+        inbox = len(parts) == 4 and parts[:2] == ["", "agents"] and parts[3] == "inbox"
+        if not inbox and exchange.path != "/plumb":
+            raise Refusal(404, f"no such path: {exchange.path}")
+        if exchange.method != "POST":
+            raise Refusal(405, f"{exchange.method}: only POST is served")
+        return await (self._inbox(exchange, parts[2]) if inbox else self._plumb(exchange))
+
+    async def _inbox(self, exchange: Exchange, agent: str) -> tuple[int, dict[str, str], str]:
+        if not AGENT_RE.fullmatch(agent):
+            raise Refusal(404, f"no such agent: {agent}")
+        npub = await self._authorize(agent, bearer(exchange.headers))
+        message = inbox_message(exchange, await exchange.body(MAX_BODY))
+        line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        await self._write(self.mp / npub / "inbox", line, "inbox")
+        return 202, {"id": message["id"]}, f"queued {message['id']} for {agent}"
+
+    async def _authorize(self, agent: str, token: str) -> str:
+        """The agent's npub if `token` is its token; re-reads `tokens` when the cache says no."""
+        now = trio.current_time()
+        fresh = now - self.tokens.loaded < TOKEN_TTL
+        npub = self.tokens.check(agent, token) if fresh else None
+        if npub is None:
+            try:
+                await self.tokens.refresh(now)
+            except OSError as e:
+                raise await self._refusal(e, "tokens") from None
+            npub = self.tokens.check(agent, token)
+        if npub is not None:
+            return npub
+        if agent not in self.tokens.hashes and \
+                not await trio.to_thread.run_sync(os.path.exists, self.mp / agent / "inbox"):
+            raise Refusal(404, f"no such agent: {agent}")
+        if not token:
+            raise Refusal(401, "missing bearer token")
+        if agent not in self.tokens.hashes:
+            raise Refusal(401, f"{agent} has no token")
+        raise Refusal(401, "bad token")
+
+    async def _plumb(self, exchange: Exchange) -> tuple[int, dict[str, str], str]:
+        path = self.config.plumb_token_file
+        if path is None:
+            raise Refusal(404, "POST /plumb is off: the driver has no --plumb-token-file")
+        token = bearer(exchange.headers)
+        if not token:
+            raise Refusal(401, "missing bearer token")
+        try:
+            wanted = sha256(path.read_text().strip())
+        except OSError as e:
+            raise Refusal(503, f"cannot read the plumb token: {e.strerror}") from None
+        if not hmac.compare_digest(sha256(token), wanted):
+            raise Refusal(401, "bad token")
+        message = plumb_message(exchange, await exchange.body(MAX_BODY))
+        line = json.dumps(message.to_json(), separators=(",", ":")).encode() + b"\n"
+        if len(line) > MAX_PLUMB_LINE:
+            raise Refusal(413, f"a plumb message is at most {MAX_PLUMB_LINE} bytes as JSON")
+        await self._write(self.mp / "plumb" / "send", line, "plumb/send")
+        return 202, {"id": message.attr["id"]}, f"plumbed {message.attr['id']}"
+
+    async def _write(self, path: Path, line: bytes, what: str) -> None:
+        # Shielded: a write under way when SIGTERM comes completes; it is never cut short.
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(write_all, path, line)
+            except OSError as e:
+                raise await self._refusal(e, what) from None
+
+    async def _refusal(self, e: OSError, what: str) -> Refusal:
+        return tree_refusal(e, await trio.to_thread.run_sync(os.path.ismount, self.mp), what)
+
+
+async def linger(stream: trio.SocketStream) -> None:
+    """Before closing on a client still sending: our answer first, then read what it sends a
+    while, so that closing with unread data (a reset) does not destroy the answer in transit."""
+    with trio.move_on_after(2.0):
+        await stream.send_eof()
+        received = 0
+        while received < 2 * MAX_BODY and (chunk := await stream.receive_some(65536)):
+            received += len(chunk)
+
+
+# -- outgoing ----------------------------------------------------------------------------
+
+
+def parse_host(entry: str) -> tuple[str, int | None]:
+    """`HOST` or `HOST:PORT` (`[V6]:PORT`) as an allowlist entry; ValueError if it is not."""
+    parts = urlsplit("//" + entry.strip())
+    if not parts.hostname or parts.path or parts.query or parts.username or parts.password:
+        raise ValueError(f"not HOST[:PORT]: {entry!r}")
+    return parts.hostname, parts.port
+
+
+def post(url: str, body: bytes, headers: dict[str, bytes], timeout: float) -> int:
+    """POST with the stdlib client (in a thread); the status, or an exception."""
+    parts = urlsplit(url)
+    client = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = client(parts.hostname or "", parts.port, timeout=timeout)
+    try:
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.request("POST", target, body=body, headers=headers)
+        response = conn.getresponse()
+        response.read(MAX_BODY)
+        return response.status
+    finally:
+        conn.close()
+
+
+def outgoing(message: dict[str, Any]) -> tuple[bytes, dict[str, bytes]]:
+    """The body (the message's data) and headers of a message's POST."""
+    data = str(message.get("data", ""))
+    attr = message.get("attr") or {}
+    kind = attr.get("content-type")
+    if not kind:
+        try:
+            kind = "application/json" if isinstance(json.loads(data), dict | list) else None
+        except ValueError:
+            kind = None
+    headers = {"Content-Type": (kind or "text/plain; charset=utf-8").encode(),
+               "Idempotency-Key": str(message["id"]).encode(), "User-Agent": USER_AGENT.encode()}
+    for key, name in (("src", "X-Agentfs-Src"), ("type", "X-Agentfs-Type")):
+        if message.get(key):
+            headers[name] = str(message[key]).encode()
+    return data.encode("utf-8", "surrogateescape"), headers
+
+
+class Courier:
+    """Reads the plumb port, one message at a time, and POSTs each until a 2xx or a refusal.
+
+    The message stays leased to the open port file while it is tried again, so it comes back
+    to the queue only if the driver dies; it is acknowledged after a 2xx, or when it can never
+    be delivered (no url, a host not allowed, a 4xx), which is logged.
+    """
+
+    def __init__(self, driver: HttpDriver) -> None:
+        self.config = driver.config
+        self.port = driver.mp / "plumb" / driver.config.plumb_port
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                fd = await trio.to_thread.run_sync(os.open, self.port, os.O_RDWR)
+            except OSError as e:
+                if failures == 0:
+                    log.info("cannot open %s: %s; trying every few seconds", self.port,
+                             e.strerror)
+                failures += 1
+                await trio.sleep(BACKOFF[min(failures, 3)])
+                continue
+            if failures:
+                log.info("reading %s", self.port)
+            failures = 0
+            try:
+                await self._drain(fd)
+            except OSError as e:
+                os.close(fd)  # hands back whatever was read and not acknowledged
+                log.info("%s: %s; opening it again", self.port, e.strerror)
+                failures = 1
+                await trio.sleep(BACKOFF[0])
+            # Cancelled, the fd stays open until the process exits: a read thread left
+            # behind may still use it, and must not find its number reused.
+
+    async def _drain(self, fd: int) -> None:
+        while True:
+            line = await trio.to_thread.run_sync(read_line, fd, abandon_on_cancel=True)
+            if not line:
+                continue  # nothing queued for 5 s: read again
+            try:
+                message = json.loads(line)
+                ident = str(message["id"])
+            except (ValueError, KeyError, TypeError):
+                log.info("%s: not a message, left unacknowledged: %.200r", self.port, line)
+                continue
+            if await self._deliver(message):
+                try:
+                    await trio.to_thread.run_sync(os.write, fd, f"ack {ident}\n".encode())
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    # Kept leased to this open file, so not delivered again until a restart.
+                    log.info("cannot acknowledge %s (EINVAL): an id with a blank?", ident)
+
+    async def _deliver(self, message: dict[str, Any]) -> bool:
+        """Try until delivered or refused for good; True to acknowledge."""
+        ident = message["id"]
+        # Its attr `url`, else its dst: an agent's message `to` a URL keeps it as dst.
+        url = str((message.get("attr") or {}).get("url") or message.get("dst") or "")
+        parts = urlsplit(url)
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            host = port = None
+        if parts.scheme not in ("http", "https") or not host:
+            log.info("refused %s: no http(s) url in attr url or dst: %r", ident, url)
+            return True
+        port = port or (443 if parts.scheme == "https" else 80)
+        if (host, port) not in self.config.allow and (host, None) not in self.config.allow:
+            log.info("refused %s: %s:%d is not allowed (url %s)", ident, host, port, url)
+            return True
+        body, headers = outgoing(message)
+        attempt = 0
+        while True:
+            try:
+                status = await trio.to_thread.run_sync(
+                    post, url, body, headers, self.config.timeout, abandon_on_cancel=True)
+            except (OSError, http.client.HTTPException) as e:
+                why = str(e) or type(e).__name__
+            else:
+                if 200 <= status < 300:
+                    log.info("delivered %s to %s: %d", ident, url, status)
+                    return True
+                if status < 500 and status not in TRANSIENT:
+                    log.info("rejected %s by %s: %d; dropped", ident, url, status)
+                    return True
+                why = f"status {status}"
+            delay = BACKOFF[min(attempt, len(BACKOFF) - 1)]
+            log.info("retry %s to %s in %gs: %s", ident, url, delay, why)
+            await trio.sleep(delay)
+            attempt += 1
+
+
+def read_line(fd: int) -> bytes:
+    """One message from a port (it may take several reads); b"" if none came in 5 s."""
+    line = os.read(fd, 65536)
+    while line and not line.endswith(b"\n"):
+        more = os.read(fd, 65536)
+        if not more:
+            raise OSError(errno.EIO, "a port message ended early")
+        line += more
+    return line
+
+
+# -- the command -------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    ap = argparse.ArgumentParser(
+        prog="agentfs-http", description="HTTP in and out of an agentfs tree.")
+    ap.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                    help="where to listen (default 127.0.0.1:8080; port 0 picks one)")
+    ap.add_argument("--allow", action="append", default=[], metavar="HOST[:PORT]",
+                    help="a host outgoing POSTs may go to (any port unless given); repeatable")
+    ap.add_argument("--allow-file", type=Path, metavar="FILE",
+                    help="more allowed hosts, one a line; # starts a comment")
+    ap.add_argument("--plumb-token-file", type=Path, metavar="FILE",
+                    help="the bearer token for POST /plumb (off without it)")
+    ap.add_argument("--plumb-port", default="http", metavar="PORT",
+                    help="the plumb port whose messages are POSTed (default http)")
+    ap.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="for each outgoing POST (default 30)")
+    ap.add_argument("mountpoint", type=Path)
+    args = ap.parse_args(argv)
+
+    def fail(message: str) -> NoReturn:
+        ap.error(message)
+
+    try:
+        host, port = parse_host(args.listen)
+    except ValueError as e:
+        fail(f"--listen: {e}")
+    entries = list(args.allow)
+    if args.allow_file:
+        try:
+            text = args.allow_file.read_text()
+        except OSError as e:
+            fail(f"--allow-file: {e}")
+        entries += [ln.split("#")[0].strip() for ln in text.splitlines()]
+    try:
+        allow = frozenset(parse_host(entry) for entry in entries if entry.strip())
+    except ValueError as e:
+        fail(f"--allow: {e}")
+    if args.plumb_token_file and not os.access(args.plumb_token_file, os.R_OK):
+        fail(f"--plumb-token-file: cannot read {args.plumb_token_file}")
+    if not (args.mountpoint / "tokens").exists():
+        fail(f"{args.mountpoint}: not a mounted agentfs tree (no tokens file)")
+    return Config(args.mountpoint.resolve(), host, 8080 if port is None else port, allow,
+                  args.plumb_token_file, args.plumb_port, args.timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s agentfs-http[%(process)d] %(message)s")
+    config = parse_args(argv)
+    try:
+        trio.run(HttpDriver(config).run)
+    except OSError as e:  # only listening raises outside the nurseries
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, e.strerror or e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
