@@ -79,6 +79,10 @@ def finished(record: AgentRecord, hook: str) -> None:
         record.status = "active"
     if record.hook == hook:
         record.hook = None  # hook_error stays: ctl status says why the agent failed
+    elif hook == "sleep" and record.hook is None and record.status == "active":
+        # Woken while it ran: `wake` drops a pending `sleep` as if it never ran, but this one
+        # did, so the program is owed a `wake` after all.
+        record.hook = "wake"
 
 
 def drop_without_program(record: AgentRecord) -> bool:

@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ from . import errors
 from .identity import npub_encode
 
 STORE_VERSION = 1
+# How far the Nostr driver has read (unix seconds): from the store's birth at first.
+NOSTR_SINCE_KEY = b"nostr-since"
 DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters",
             "seen", "ports", "alarms", "awake")
 
@@ -153,6 +156,7 @@ class AgentStore:
                 txn.put(b"version", str(STORE_VERSION).encode(), db=meta)
                 txn.put(b"mnemonic", mnemonic.encode(), db=meta)
                 txn.put(b"next_index", b"0", db=meta)
+                txn.put(NOSTR_SINCE_KEY, str(int(time.time())).encode(), db=meta)
         finally:
             os.umask(old_umask)
         return store

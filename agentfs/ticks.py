@@ -269,20 +269,23 @@ class TickEngine:
         idle = lifecycle.DEFAULT_IDLE if record.idle is None else record.idle
         deadline = trio.current_time() + idle
         timer = self._idle_timers.get(index)
-        if timer is not None:
+        if timer is not None and not timer.cancel_called:  # (one that expired is done for)
             timer.deadline = deadline
             return
         timer = self._idle_timers[index] = trio.CancelScope(deadline=deadline)
-        self._nursery_start(self._watch_idle, index)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._watch_idle, index, timer)
 
-    async def _watch_idle(self, index: int) -> None:
+    async def _watch_idle(self, index: int, timer: trio.CancelScope) -> None:
         try:
-            with self._idle_timers[index]:
+            with timer:
                 await trio.sleep_forever()
         finally:
-            del self._idle_timers[index]  # from now on a drain that ends sets a new timer
-        if index not in self._scheduled and \
-                await self.runtime.committer.commit(lambda t: self._hibernate(t, index)):
+            if self._idle_timers.get(index) is timer:
+                del self._idle_timers[index]  # from now on a drain that ends sets a new timer
+        if index in self._scheduled or index in self._idle_timers:
+            return  # busy again, or idle again since: a drain's end set a newer timer
+        if await self.runtime.committer.commit(lambda t: self._hibernate(t, index)):
             self.notify(index)
 
     def _hibernate(self, txn: Txn, index: int) -> bool:
@@ -326,8 +329,10 @@ class TickEngine:
             else:
                 assert first is not None
                 seq, trigger = first
-            trigger["attempt"] = record.failures + 1
-            if record.checkpoint is not None and record.checkpoint.get("seq") == seq:
+            # A report (sleep, terminate, error) is never retried: it has no attempt but one.
+            trigger["attempt"] = 1 if hook in lifecycle.REPORTS else record.failures + 1
+            if record.checkpoint is not None and record.checkpoint.get("seq") == seq and \
+                    record.checkpoint.get("hook") == hook:  # hooks all have seq 0
                 trigger["resume"] = {"checkpoint": record.checkpoint["count"]}
             tick = RunningTick(record, record.npub, seq, trigger,
                                TickOverlay(runtime.store, index), hook=hook)
@@ -507,6 +512,8 @@ class TickEngine:
             now = rfc3339_now()
             sent, _asleep = self._apply_overlay(txn, tick, record, [], now)
             record.checkpoint = {"seq": tick.seq, "count": count}
+            if tick.hook is not None:
+                record.checkpoint["hook"] = tick.hook
             self.runtime.store.put_agent(txn, record)
             self.runtime.log.append(txn, tick.index, {
                 "time": now, "event": "checkpoint", "count": count,
@@ -570,7 +577,7 @@ class TickEngine:
             record.failures -= 1  # the transition it reports stands: nothing to retry
             record.checkpoint = None
             lifecycle.finished(record, tick.hook)
-        elif tick.hook == "create":
+        elif tick.hook == "create" and record.status == "creating":  # not if terminated
             lifecycle.fail(record, f"create: {outcome.error}")
         elif record.failures >= record.max_failures and record.status == "active":
             lifecycle.fail(record, outcome.error)
@@ -579,7 +586,7 @@ class TickEngine:
         entry: dict[str, Any] = {
             "time": now, "event": "tick", "result": "error", "error": outcome.error,
             "trigger": _described(tick),
-            "attempt": record.failures + (tick.hook in lifecycle.REPORTS),
+            "attempt": 1 if tick.hook in lifecycle.REPORTS else record.failures,
             "duration": round(outcome.duration, 6),
             "stderr": outcome.stderr.decode("utf-8", errors="replace"),
         }

@@ -18,6 +18,7 @@ from plumber import Message as PlumbMessage
 
 from .. import errors
 from ..identity import agent_private_key, npub_decode, npub_encode
+from ..store import NOSTR_SINCE_KEY as SINCE_KEY
 from ..store import AgentRecord, Txn
 from . import nip04, nip17
 from .event import Event, check, from_dict, from_json, sign, to_json
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
 PORT = "nostr"
 RELAYS_KEY = b"nostr-relays"
-SINCE_KEY = b"nostr-since"
 MAX_RELAYS = 64
 NOTE_KIND, DM04_KIND = 1, 4
 # Fields of an agent's message that the rules see as attrs and the signer reads.
