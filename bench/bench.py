@@ -22,6 +22,14 @@ Rows (issue 2, section 5):
   plumb   plumb messages routed into inboxes per second: JSON messages written to plumb/send,
           one per write(2), from 4 writers, routed by a rule to one of 4 agents; baseline: the
           same messages written straight to the agents' inboxes.
+  http    POSTs to an inbox per second through agentfs-http (a 202 means committed), with 1
+          and 8 connections; baseline: the same lines written straight to an inbox with as
+          many threads (bench/http_bench.py).
+  nostr   DM round trip agent to agent between two mounts through agentfs-nostr and a local
+          nostr-relay, p50/p99, against the same ping-pong between two agents of one mount;
+          events signed/s against coincurve's bare BIP-340 signatures/s; NIP-44 v2
+          encrypt+decrypt/s (100 bytes) against ChaCha20 + HMAC-SHA256 of the same bytes
+          without NIP-44's padding, base64 and per-message HKDF (bench/nostr_bench.py).
 
 Everything lives in a temporary directory (the store on the disk of $TMPDIR or --dir, tmpfs
 trees under /dev/shm) and everything is unmounted at the end, error or not.
@@ -49,13 +57,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "bench")]  # http_bench, nostr_bench
 PY = sys.executable
 # The agentfs under test is this checkout's, whatever is installed in the interpreter.
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
 TICK_PROGRAM = "/bin/sh -c 'echo x > \"$AGENT_DIR/state/k\"'"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-ROWS = ("ticks", "wake", "state", "agents", "dormant", "plumb")
+ROWS = ("ticks", "wake", "state", "agents", "dormant", "plumb", "http", "nostr")
 
 WAKE_C = r"""
 #include <fcntl.h>
@@ -102,6 +111,9 @@ class Sizes:
         self.dormant = (1000, 5000) if quick else (10_000, 100_000)
         self.dormant_samples = 20 if quick else 100
         self.plumb_messages = 400 if quick else 4000
+        self.http_posts = 300 if quick else 2000
+        self.dm_samples = 10 if quick else 50
+        self.crypto_ops = 300 if quick else 3000
 
 
 # -- processes and mounts ----------------------------------------------------------------
@@ -621,6 +633,79 @@ def run_plumb(fs: AgentfsMount, n: int) -> tuple[float, float]:
     return per * len(names) / routed, per * len(names) / direct
 
 
+def run_http(fs: AgentfsMount, base: Path, n: int) -> list[tuple[int, float, float]]:
+    """(connections, POSTs/s through agentfs-http, inbox write(2)s/s) for 1 and 8."""
+    import http_bench
+
+    fs.new_agents(["new hb\n", "new direct\n"])
+    (fs.mp / "hb" / "ctl").write_text(f"token {http_bench.TOKEN}\n")
+    proc, url = http_bench.start_driver(fs.mp, base / "http-driver.log")
+    try:
+        out = []
+        for c in (1, 8):
+            posts = http_bench.posts_per_second(fs.mp, f"{url}/agents/hb/inbox",
+                                                http_bench.TOKEN, n, c)
+            writes = http_bench.inbox_writes_per_second(fs.mp, "direct", n, c)
+            out.append((c, posts, writes))
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def local_round_trip(fs: AgentfsMount, base: Path, samples: int) -> list[float]:
+    """The DM benchmark's ping-pong between two agents of one mount: no relay, no driver."""
+    import nostr_bench
+
+    # As the DM benchmark's programs, but a local message is "text", not a "dm".
+    pinger = nostr_bench.write_program(base, "lpinger", nostr_bench.PINGER.replace(
+        '"type":"dm"', '"type":"text"'))
+    answerer_program = nostr_bench.write_program(base, "lanswer", nostr_bench.ANSWERER.replace(
+        '"type":"dm"', '"type":"text"'))
+    fs.new_agents([f"new lpinger /bin/sh {pinger}\n",
+                   f"new lanswerer /bin/sh {answerer_program}\n"])
+    answerer = fs.npub("lanswerer")
+    got = Path(pinger + ".got")
+    out: list[float] = []
+    for i in range(3 + samples):
+        t0 = time.time_ns()
+        with open(fs.mp / "lpinger" / "ctl", "w") as ctl:
+            ctl.write(f"wake {answerer}\n")
+        if not wait_for(lambda i=i: got.exists() and len(got.read_text().split()) > i, 30):
+            raise RuntimeError("local round trip: no answer")
+        if i >= 3:
+            out.append((int(got.read_text().split()[i]) - t0) / 1e6)
+    return out
+
+
+def raw_crypto(n: int) -> tuple[float, float]:
+    """(bare BIP-340 signatures/s by coincurve, ChaCha20+HMAC-SHA256 pairs/s of 100 bytes)."""
+    import hashlib
+    import hmac
+
+    import coincurve
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    key = coincurve.PrivateKey(bytes.fromhex("00" * 31 + "0a"))
+    digest = hashlib.sha256(b"x").digest()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        key.sign_schnorr(digest)
+    signs = n / (time.perf_counter() - t0)
+    k, nonce, text = os.urandom(32), os.urandom(16), b"x" * 100
+    t0 = time.perf_counter()
+    for _ in range(n):
+        sealed = Cipher(algorithms.ChaCha20(k, nonce), None).encryptor().update(text)
+        mac = hmac.new(k, nonce + sealed, hashlib.sha256).digest()
+        hmac.compare_digest(mac, hmac.new(k, nonce + sealed, hashlib.sha256).digest())
+        Cipher(algorithms.ChaCha20(k, nonce), None).decryptor().update(sealed)
+    return signs, n / (time.perf_counter() - t0)
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     k = (len(ordered) - 1) * p / 100
@@ -1072,6 +1157,41 @@ def main() -> int:
             rows.append(("plumb messages routed into inboxes /s (4 writers)", fmt_rate(routed),
                          f"the same written straight to the inboxes {fmt_rate(direct)}",
                          f"{routed / direct:.2f}×", "-"))
+
+        if "http" in only:
+            fs = AgentfsMount(base, "http")
+            undo.append(fs.close)
+            log(f"http: {sizes.http_posts} POSTs a run")
+            for c, posts, writes in run_http(fs, base, sizes.http_posts):
+                rows.append((f"HTTP POSTs to an inbox /s via agentfs-http ({c} connection"
+                             f"{'s' if c > 1 else ''})", fmt_rate(posts),
+                             f"inbox write(2)s, {c} thread{'s' if c > 1 else ''} "
+                             f"{fmt_rate(writes)}", f"{posts / writes:.2f}×", "-"))
+            fs.close()
+
+        if "nostr" in only:
+            import nostr_bench
+
+            log(f"nostr: DM round trip, {sizes.dm_samples} samples")
+            dm = nostr_bench.dm_round_trip(sizes.dm_samples, base=base / "nostr")
+            fs = AgentfsMount(base, "local")
+            undo.append(fs.close)
+            local = local_round_trip(fs, base, sizes.dm_samples)
+            fs.close()
+            for p in (50, 99):
+                ours, near = percentile(dm, p), percentile(local, p)
+                rows.append((f"DM round trip agent → relay → agent and back p{p}", fmt_ms(ours),
+                             f"the same ping-pong inside one mount {fmt_ms(near)}",
+                             f"{ours / near:.1f}×", "-"))
+            signs, ciphers = raw_crypto(sizes.crypto_ops)
+            ours_sign = nostr_bench.signs_per_second(sizes.crypto_ops)
+            ours_44 = nostr_bench.nip44_per_second(sizes.crypto_ops)
+            rows.append(("Nostr events signed /s (id + BIP-340)", fmt_rate(ours_sign),
+                         f"coincurve sign_schnorr alone {fmt_rate(signs)}",
+                         f"{ours_sign / signs:.2f}×", "-"))
+            rows.append(("NIP-44 v2 encrypt+decrypt /s (100 bytes)", fmt_rate(ours_44),
+                         f"ChaCha20 + HMAC-SHA256 alone {fmt_rate(ciphers)}",
+                         f"{ours_44 / ciphers:.2f}×", "-"))
 
     header.append(f"load average before: {load_before}; after: {loadavg()} "
                   "(other work on the machine skews every row)")
