@@ -675,7 +675,10 @@ def local_round_trip(fs: AgentfsMount, base: Path, samples: int) -> list[float]:
         t0 = time.time_ns()
         with open(fs.mp / "lpinger" / "ctl", "w") as ctl:
             ctl.write(f"wake {answerer}\n")
-        if not wait_for(lambda i=i: got.exists() and len(got.read_text().split()) > i, 30):
+        def answered(i: int = i) -> bool:
+            return got.exists() and len(got.read_text().split()) > i
+
+        if not wait_for(answered, 30):
             raise RuntimeError("local round trip: no answer")
         if i >= 3:
             out.append((int(got.read_text().split()[i]) - t0) / 1e6)
@@ -1162,11 +1165,11 @@ def main() -> int:
             fs = AgentfsMount(base, "http")
             undo.append(fs.close)
             log(f"http: {sizes.http_posts} POSTs a run")
-            for c, posts, writes in run_http(fs, base, sizes.http_posts):
+            for c, posts, direct_rate in run_http(fs, base, sizes.http_posts):
                 rows.append((f"HTTP POSTs to an inbox /s via agentfs-http ({c} connection"
                              f"{'s' if c > 1 else ''})", fmt_rate(posts),
                              f"inbox write(2)s, {c} thread{'s' if c > 1 else ''} "
-                             f"{fmt_rate(writes)}", f"{posts / writes:.2f}×", "-"))
+                             f"{fmt_rate(direct_rate)}", f"{posts / direct_rate:.2f}×", "-"))
             fs.close()
 
         if "nostr" in only:
