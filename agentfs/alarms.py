@@ -2,7 +2,8 @@
 
 The daemon does not fire alarms itself.  The root file `alarms` lists what is due, and a
 timer driver writes each one into the agent's inbox as `{"type": "alarm", "id": ID}` when
-its time comes.  The id names the due time (`alarm:<unix ms>`), so the inbox's id dedupe
+its time comes.  The id names the due time and the setting (`alarm:<unix ms>.<n>`), so the
+inbox's id dedupe
 makes a driver's retry harmless, and the daemon can tell the firing of the agent's alarm
 from a stale one (cancelled or replaced meanwhile), which it drops.  A periodic alarm
 advances past now when it fires: after downtime it fires once, not once per missed period.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,19 +29,24 @@ _AT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d
 
 @dataclass(frozen=True)
 class Alarm:
-    due: float  # unix seconds
+    due: float  # unix seconds, whole milliseconds
     every: float | None = None  # seconds between firings of a periodic alarm
+    serial: int = 0  # which setting of the agent's alarm this is: set again, a new id
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "due", round(self.due * 1000) / 1000)
 
     @property
     def id(self) -> str:
-        return f"{ID_PREFIX}{round(self.due * 1000)}"
+        return f"{ID_PREFIX}{round(self.due * 1000)}.{self.serial}"
 
     def encode(self) -> dict[str, Any]:
-        return {"due": self.due, "every": self.every}
+        return {"due": self.due, "every": self.every, "serial": self.serial}
 
     @classmethod
     def decode(cls, raw: dict[str, Any] | None) -> Alarm | None:
-        return None if raw is None else cls(float(raw["due"]), raw.get("every"))
+        return None if raw is None else cls(float(raw["due"]), raw.get("every"),
+                                            int(raw.get("serial", 0)))
 
     def describe(self) -> str:
         text = rfc3339(self.due)
@@ -96,6 +102,9 @@ class Alarms:
         old = Alarm.decode(record.alarm)
         if old is not None:
             txn.delete(self._key(old, record.index), db=self.db)
+        if alarm is not None and (old is None or alarm.serial != old.serial):
+            # A new setting, even of a time that fired before, gets an id never used.
+            alarm = replace(alarm, serial=self.store.bump_counter(txn, record.index, b"alarm"))
         record.alarm = None if alarm is None else alarm.encode()
         if alarm is not None:
             txn.put(self._key(alarm, record.index), b"", db=self.db)
@@ -116,7 +125,7 @@ class Alarms:
         if alarm.every:
             now = time.time() if now is None else now
             missed = max(0, int((now - alarm.due) // alarm.every))
-            following = Alarm(alarm.due + (missed + 1) * alarm.every, alarm.every)
+            following = Alarm(alarm.due + (missed + 1) * alarm.every, alarm.every, alarm.serial)
             if missed:
                 message["missed"] = missed
         self.set(txn, record, following)
@@ -126,8 +135,8 @@ class Alarms:
         """`UNIX-SECONDS NPUB ID` a line, soonest first: what the timer drivers read."""
         lines = []
         for key, _value in txn.cursor(db=self.db):
-            due = int.from_bytes(key[:8], "big") / 1000
             record = self.store.agent(txn, int.from_bytes(key[8:12], "big"))
-            if record is not None:
-                lines.append(f"{due:.3f} {record.npub} {ID_PREFIX}{round(due * 1000)}\n")
+            alarm = None if record is None else Alarm.decode(record.alarm)
+            if record is not None and alarm is not None:
+                lines.append(f"{alarm.due:.3f} {record.npub} {alarm.id}\n")
         return "".join(lines).encode()

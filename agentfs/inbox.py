@@ -85,6 +85,12 @@ class Inbox:
         txn.put(agent_key(index) + seq.to_bytes(8, "big"), raw, db=self.db)
         return stored
 
+    def seen_before(self, txn: Txn, index: int, message: Message) -> bool:
+        """Whether a message with this one's id was accepted already (pending or consumed)."""
+        message_id = message.get("id")
+        return isinstance(message_id, str) and \
+            txn.get(agent_key(index) + message_id.encode(), db=self.seen) is not None
+
     def pending(self, txn: Txn, index: int) -> Iterator[tuple[int, bytes]]:
         for seq, raw in scan_prefix(txn, self.db, agent_key(index)):
             yield int.from_bytes(seq, "big"), raw

@@ -194,14 +194,17 @@ class Runtime:
         """
         if json_event(message):
             message = self.nostr.incoming(txn, record, message)
+        if self.inbox.seen_before(txn, record.index, message):
+            return False  # a sender's retry: acknowledged, and not applied twice
         fired = self.alarms.fired(txn, record, message)
         if fired is False:
             self.log.append(txn, record.index, {
                 "time": rfc3339_now(), "event": "alarm", "id": message["id"],
-                "dropped": "not the agent's alarm now (it fired already, or was cancelled)"})
+                "dropped": "not the agent's alarm now (it was replaced, or cancelled)"})
             return False
         queued = self.inbox.append(txn, record.index, message) is not None
-        return bool(fired) or (queued and lifecycle.wake(record))
+        woke = queued and lifecycle.wake(record)
+        return bool(fired) or woke
 
     def overlay_outbox_bytes(self, tick: RunningTick) -> bytes:
         return b"".join(encode_line(m) for m in tick.overlay.outbox)
