@@ -22,6 +22,9 @@ Rows (issue 2, section 5):
   plumb   plumb messages routed into inboxes per second: JSON messages written to plumb/send,
           one per write(2), from 4 writers, routed by a rule to one of 4 agents; baseline: the
           same messages written straight to the agents' inboxes.
+  alarm   alarm lateness p50/p99 with agentfs-timer: due time to the inbox commit and to the
+          program's start (10 awake agents, `alarm every 1s`); baseline: this process sleeping
+          until a due time and starting the same shell itself (bench/timer_bench.py).
   http    POSTs to an inbox per second through agentfs-http (a 202 means committed), with 1
           and 8 connections; baseline: the same lines written straight to an inbox with as
           many threads (bench/http_bench.py).
@@ -57,14 +60,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "bench")]  # http_bench, nostr_bench
+sys.path[:0] = [str(ROOT / "bench")]  # http_bench, nostr_bench, timer_bench
 PY = sys.executable
 # The agentfs under test is this checkout's, whatever is installed in the interpreter.
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
 TICK_PROGRAM = "/bin/sh -c 'echo x > \"$AGENT_DIR/state/k\"'"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-ROWS = ("ticks", "wake", "state", "agents", "dormant", "plumb", "http", "nostr")
+ROWS = ("ticks", "wake", "state", "agents", "dormant", "plumb", "alarm", "http", "nostr")
 
 WAKE_C = r"""
 #include <fcntl.h>
@@ -112,6 +115,7 @@ class Sizes:
         self.dormant_samples = 20 if quick else 100
         self.plumb_messages = 400 if quick else 4000
         self.http_posts = 300 if quick else 2000
+        self.alarm_samples = 30 if quick else 200
         self.dm_samples = 10 if quick else 50
         self.crypto_ops = 300 if quick else 3000
 
@@ -1160,6 +1164,24 @@ def main() -> int:
             rows.append(("plumb messages routed into inboxes /s (4 writers)", fmt_rate(routed),
                          f"the same written straight to the inboxes {fmt_rate(direct)}",
                          f"{routed / direct:.2f}×", "-"))
+
+        if "alarm" in only:
+            import timer_bench
+
+            fs = AgentfsMount(base, "alarm")
+            undo.append(fs.close)
+            log(f"alarm: {sizes.alarm_samples} firings")
+            pairs = timer_bench.alarm_samples(fs.mp, sizes.alarm_samples)
+            fs.close()
+            spawned = timer_bench.sleep_and_spawn_lateness(sizes.alarm_samples)
+            for p in (50, 99):
+                commit = percentile([c for c, _ in pairs], p)
+                started = percentile([s for _, s in pairs], p)
+                own = percentile(spawned, p)
+                rows.append((f"alarm lateness p{p}: due → inbox commit; → program start",
+                             f"{fmt_ms(commit)}; {fmt_ms(started)}",
+                             f"sleep until due + start the shell {fmt_ms(own)}",
+                             f"{started / own:.1f}×", "-"))
 
         if "http" in only:
             fs = AgentfsMount(base, "http")

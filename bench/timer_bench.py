@@ -78,7 +78,7 @@ def alarm_samples(mountpoint: Path, samples: int,
         agents = [_new_agent(mountpoint, f"{tag}-{i}", ["/bin/bash", str(program)])
                   for i in range(AGENTS)]
         for agent in agents:
-            _ctl(agent, "idle 1h")  # awake: a dormant agent is not woken by its alarm
+            _ctl(agent, "idle 1h")  # awake: a dormant one would run its `wake` trigger first
         driver = subprocess.Popen(
             [sys.executable, "-m", "drivers.timer", str(mountpoint)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -106,7 +106,7 @@ def alarm_samples(mountpoint: Path, samples: int,
         pairs = []
         for agent in agents:
             for started, trigger in _seen(agent):
-                due = int(str(trigger["id"]).removeprefix("alarm:"))
+                due = int(str(trigger["id"]).removeprefix("alarm:").split(".")[0])
                 pairs.append((_unix(str(trigger["time"])) * 1000 - due, started * 1000 - due))
         return pairs[:samples]
 
@@ -114,6 +114,19 @@ def alarm_samples(mountpoint: Path, samples: int,
 def alarm_lateness(mountpoint: Path, samples: int) -> list[float]:
     """Milliseconds from each alarm's due time to its program seeing the trigger."""
     return [program for _commit, program in alarm_samples(mountpoint, samples)]
+
+
+def sleep_and_spawn_lateness(samples: int) -> list[float]:
+    """The baseline: this process sleeps until each due time and starts PROGRAM's shell
+    itself (as cron would), ms from the due time to the program's clock reading."""
+    out = []
+    for k in range(samples):
+        due = time.time() + 0.05 + (k % 10) * 0.003
+        time.sleep(max(0.0, due - time.time()))
+        done = subprocess.run(["/bin/bash", "-c", 'printf %s "$EPOCHREALTIME"'],
+                              capture_output=True, text=True, check=True)
+        out.append((float(done.stdout) - due) * 1000)
+    return out
 
 
 def main() -> int:
