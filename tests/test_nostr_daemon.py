@@ -182,7 +182,8 @@ def test_relays_and_since_files(mount: Mount) -> None:
     relays = mount.mp / "nostr" / "relays"
     relays.write_text("ws://127.0.0.1:7447\n# a comment\nwss://relay.example\n")
     assert relays.read_text() == "ws://127.0.0.1:7447\nwss://relay.example\n"
-    assert errno_of(lambda: write_once(relays, "http://nope\n")) == errno.EINVAL
+    for bad in ("http://nope", "ws://", "ws://host:99999", "ws://host:port", "wss://a b"):
+        assert errno_of(lambda b=bad: write_once(relays, b + "\n")) == errno.EINVAL, bad
     assert relays.read_text() == "ws://127.0.0.1:7447\nwss://relay.example\n"
     with open(relays, "w"):
         pass  # `: > relays`: replaced by nothing, when the file is released after close

@@ -13,6 +13,7 @@ entry the agent's program reads.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from plumber import Message as PlumbMessage
 
@@ -141,7 +142,13 @@ class NostrBridge:
             raise errors.invalid("nostr/relays: not UTF-8 text") from None
         urls = [line for line in lines if line and not line.startswith("#")]
         for url in urls:
-            if not url.startswith(("ws://", "wss://")) or " " in url or len(url) > 512:
+            try:
+                parts = urlsplit(url)
+                ok = parts.scheme in ("ws", "wss") and bool(parts.hostname) and \
+                    parts.port != 0 and " " not in url and len(url) <= 512
+            except ValueError:  # a port that is not a number, or out of range
+                ok = False
+            if not ok:
                 raise errors.invalid(f"nostr/relays: {url[:80]!r} is not a ws:// or wss:// URL")
         if len(urls) > MAX_RELAYS:
             raise errors.invalid(f"nostr/relays: more than {MAX_RELAYS} relays")
