@@ -26,7 +26,7 @@ from .nostr.bridge import PORT as NOSTR_PORT
 from .store import Txn, scan_prefix
 
 RULES_KEY = b"plumb-rules"
-PORT_WAIT = 5.0  # seconds a port read waits for a message before it returns empty
+PORT_WAIT = 1.0  # seconds a port read waits for a message before it returns empty
 # The parser's complaint about a rule set cut short, as text written line by line is.
 INCOMPLETE = "must have patterns and actions"
 

@@ -573,7 +573,7 @@ class Courier:
         while True:
             line = await trio.to_thread.run_sync(read_line, fd, abandon_on_cancel=True)
             if not line:
-                continue  # nothing queued for 5 s: read again
+                continue  # nothing queued for 1 s: read again
             try:
                 message = json.loads(line)
                 ident = str(message["id"])
@@ -629,7 +629,7 @@ class Courier:
 
 
 def read_line(fd: int) -> bytes:
-    """One message from a port (it may take several reads); b"" if none came in 5 s."""
+    """One message from a port (it may take several reads); b"" if none came in 1 s."""
     line = os.read(fd, 65536)
     while line and not line.endswith(b"\n"):
         more = os.read(fd, 65536)

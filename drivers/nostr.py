@@ -363,14 +363,14 @@ class Port:
         self._buffer = b""
 
     async def read_message(self) -> bytes:
-        """The next message's line; waits across the port's empty (5 s) reads."""
+        """The next message's line; waits across the port's empty (1 s) reads."""
         while b"\n" not in self._buffer:
             started = trio.current_time()
             # A read the daemon holds cannot be interrupted: on cancel, leave the thread.
             chunk = await trio.to_thread.run_sync(os.read, self.fd, 1 << 20,
                                                   abandon_on_cancel=True)
-            if not chunk and trio.current_time() - started < 1:
-                await trio.sleep(1)  # an empty read should take 5 s: do not spin
+            if not chunk and trio.current_time() - started < 0.5:
+                await trio.sleep(0.5)  # an empty read should take 1 s: do not spin
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line

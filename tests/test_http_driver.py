@@ -55,7 +55,7 @@ class Driver:
                           f"driver log to match {pattern!r}")
 
     def stop(self, timeout: float = 8.0) -> int:
-        """SIGTERM; the exit status (it may wait up to 5 s on a port read)."""
+        """SIGTERM; the exit status (it may wait up to 1 s on a port read)."""
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
 
@@ -221,7 +221,7 @@ def test_a_post_with_the_token_runs_the_agent(mount: Mount, driver: DriverFactor
     assert (second["type"], second["data"], second["from"]) == ("text", "plain words", "http")
     d.wait_log(r"POST /agents/alice/inbox 202 queued")
     started = time.monotonic()
-    assert d.stop() == 0  # idle: it may wait out a port read of at most 5 s
+    assert d.stop() == 0  # idle: it may wait out a port read of at most 1 s
     assert time.monotonic() - started < 7
     assert "stopping on SIGTERM" in d.text()
 

@@ -234,7 +234,7 @@ def wait_seen(path: Path, count: int, timeout: float = 15) -> list[dict[str, Any
 
 
 def port_is_empty(mount: Mount) -> bool:
-    """Whether plumb/nostr has nothing queued (an empty read: takes the port's 5 s)."""
+    """Whether plumb/nostr has nothing queued (an empty read: takes the port's 1 s)."""
     fd = os.open(mount.mp / "plumb" / "nostr", os.O_RDWR)
     try:
         return os.read(fd, 1 << 20) == b""
