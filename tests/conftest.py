@@ -105,6 +105,13 @@ class InboxWriter(threading.Thread):
                 os.close(fd)
 
 
+# A test program's first lines where the test is not about lifecycle triggers (create, wake,
+# sleep, terminate, error): read the trigger, and commit an empty tick for a lifecycle one.
+READ_TRIGGER = """read -r trigger
+case "$trigger" in *'"lifecycle":true'*) exit 0 ;; esac
+"""
+
+
 def script(directory: Path, name: str, body: str) -> str:
     path = directory / name
     path.write_text("#!/bin/sh\n" + body)
@@ -236,6 +243,12 @@ class Mount:
 
     def inbox(self, name: str) -> list[dict[str, Any]]:
         return json_lines(self.mp / name / "inbox")
+
+    def created(self, name: str, timeout: float = 15.0) -> dict[str, str]:
+        """Wait until agent `name` is no longer `creating` (its create tick committed, or
+        failed); returns its ctl status."""
+        return wait_until(lambda: (s := self.status(name))["status"] != "creating" and s,
+                          timeout, f"{name}'s create tick")
 
     def wait_ticks(self, name: str, ticks: int, timeout: float = 15.0) -> dict[str, str]:
         """Wait until agent `name` has committed `ticks` ticks; returns its ctl status."""

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from conftest import Mount, errno_of, script, wait_until, write_once
+from conftest import READ_TRIGGER, Mount, errno_of, script, wait_until, write_once
 
 
 def budget(mount: Mount, name: str) -> dict[str, str]:
@@ -38,8 +38,7 @@ def test_storage_quota_refuses_growth_and_keeps_nothing_partial(mount: Mount) ->
 
 
 def test_storage_quota_inside_a_tick(mount: Mount, tmp_path: Path) -> None:
-    program = script(tmp_path, "big.sh", """
-read -r t
+    program = script(tmp_path, "big.sh", READ_TRIGGER + """
 printf 'small' > "$AGENT_DIR/state/small"
 if head -c 500 /dev/zero > "$AGENT_DIR/state/big"; then echo wrote > "$1/result"
 else echo refused > "$1/result"; fi
@@ -47,15 +46,14 @@ else echo refused > "$1/result"; fi
     mount.new_agent("alice", program, str(tmp_path))
     write_once(mount.agent("alice") / "budget", "max_storage_bytes 100\n")
     write_once(mount.agent("alice") / "inbox", "go\n")
-    mount.wait_ticks("alice", 1)
+    mount.wait_ticks("alice", 2)
     assert (tmp_path / "result").read_text() == "refused\n"
     assert (mount.agent("alice") / "state" / "small").read_text() == "small"
     assert budget(mount, "alice")["used_storage_bytes"] == "5"
 
 
 def test_a_failed_tick_charges_nothing(mount: Mount, tmp_path: Path) -> None:
-    program = script(tmp_path, "pay.sh", """
-read -r t
+    program = script(tmp_path, "pay.sh", READ_TRIGGER + """
 echo "charge api 5" > "$AGENT_DIR/ctl"
 echo "spend 3" > "$AGENT_DIR/ctl"
 exit 1
@@ -63,7 +61,8 @@ exit 1
     mount.new_agent("alice", program)
     write_once(mount.agent("alice") / "ctl", "retries 1\n")
     write_once(mount.agent("alice") / "inbox", "go\n")
-    wait_until(lambda: mount.status("alice")["status"] == "failed")
+    status = wait_until(lambda: (s := mount.status("alice"))["status"] == "failed" and s)
+    assert status["error"] == "exit status 1"  # the message's tick, not the create
     used = budget(mount, "alice")
     assert (used["used_daily_api_calls"], used["used_daily_spend_sats"]) == ("0", "0")
     # Outside a tick these verbs are refused.
@@ -73,8 +72,7 @@ exit 1
 
 
 def test_charges_and_spends_commit_with_the_tick(mount: Mount, tmp_path: Path) -> None:
-    program = script(tmp_path, "pay.sh", """
-read -r t
+    program = script(tmp_path, "pay.sh", READ_TRIGGER + """
 echo "charge api 2" > "$AGENT_DIR/ctl"
 echo "spend 7 coffee" > "$AGENT_DIR/ctl"
 if echo "charge api 9" > "$AGENT_DIR/ctl"; then echo yes > "$1/over"; else echo no > "$1/over"; fi
@@ -82,7 +80,7 @@ if echo "charge api 9" > "$AGENT_DIR/ctl"; then echo yes > "$1/over"; else echo 
     mount.new_agent("alice", program, str(tmp_path))
     write_once(mount.agent("alice") / "budget", "max_daily_api_calls 10\nwarning_threshold 1\n")
     write_once(mount.agent("alice") / "inbox", "go\n")
-    mount.wait_ticks("alice", 1)
+    mount.wait_ticks("alice", 2)
     assert (tmp_path / "over").read_text() == "no\n"  # 2 + 9 > 10: EDQUOT
     used = budget(mount, "alice")
     assert (used["used_daily_api_calls"], used["used_daily_spend_sats"]) == ("2", "7")
@@ -91,23 +89,23 @@ if echo "charge api 9" > "$AGENT_DIR/ctl"; then echo yes > "$1/over"; else echo 
 
 
 def test_warning_threshold_queues_one_budget_trigger(mount: Mount, tmp_path: Path) -> None:
-    program = script(tmp_path, "charge.sh", """
-read -r t
-echo "$t" >> "$1/triggers"
+    program = script(tmp_path, "charge.sh", READ_TRIGGER + """
+echo "$trigger" >> "$1/triggers"
 echo "charge api 3" > "$AGENT_DIR/ctl"
 """)
     mount.new_agent("alice", program, str(tmp_path))
     write_once(mount.agent("alice") / "budget", "max_daily_api_calls 100\nwarning_threshold 0.05\n")
     write_once(mount.agent("alice") / "inbox", "one\n")
     # 3 of 100 is under 5%; the second tick crosses it and queues a budget trigger.
-    mount.wait_ticks("alice", 1)
+    # (The first tick of all is the create trigger, which charges nothing.)
+    mount.wait_ticks("alice", 2)
     write_once(mount.agent("alice") / "inbox", "two\n")
-    mount.wait_ticks("alice", 3)
-    write_once(mount.agent("alice") / "inbox", "three\n")
     mount.wait_ticks("alice", 4)
+    write_once(mount.agent("alice") / "inbox", "three\n")
+    mount.wait_ticks("alice", 5)
     triggers = [json.loads(line) for line in (tmp_path / "triggers").read_text().splitlines()]
     kinds = [t["type"] for t in triggers]
-    assert kinds.count("budget") == 1
+    assert kinds == ["text", "text", "budget", "text"]
     warning = next(t for t in triggers if t["type"] == "budget")
     assert warning["resource"] == "api_calls" and warning["limit"] == 100
     warnings = [r for r in mount.log("alice") if r["event"] == "budget" and "warning" in r]
@@ -129,16 +127,17 @@ def test_a_message_id_is_accepted_once(mount: Mount) -> None:
 def test_consumed_ids_are_remembered(mount: Mount) -> None:
     mount.new_agent("alice", "/bin/true")
     inbox = mount.agent("alice") / "inbox"
+    assert mount.created("alice")["ticks"] == "1"
     write_once(inbox, '{"id":"once"}\n')
-    mount.wait_ticks("alice", 1)
+    mount.wait_ticks("alice", 2)
     write_once(inbox, '{"id":"once"}\n')
     assert mount.status("alice")["pending"] == "0"
-    assert mount.status("alice")["ticks"] == "1"
+    assert mount.status("alice")["ticks"] == "2"
 
 
 def test_checkpoint_survives_a_failure_and_the_retry_resumes(mount: Mount, tmp_path: Path) -> None:
-    program = script(tmp_path, "steps.sh", """
-read -r t
+    program = script(tmp_path, "steps.sh", READ_TRIGGER + """
+t=$trigger
 echo "$t" >> "$1/triggers"
 case "$t" in
   *'"resume"'*) echo second > "$AGENT_DIR/state/step2"; exit 0 ;;
@@ -150,7 +149,7 @@ exit 3
 """)
     mount.new_agent("alice", program, str(tmp_path))
     write_once(mount.agent("alice") / "inbox", "go\n")
-    mount.wait_ticks("alice", 1)
+    mount.wait_ticks("alice", 2)
     state = mount.agent("alice") / "state"
     assert sorted(p.name for p in state.iterdir()) == ["step1", "step2"]
     first, second = (json.loads(line) for line in (tmp_path / "triggers").read_text().split())
@@ -161,9 +160,8 @@ exit 3
 
 
 def test_time_limit_sends_sigterm_first(mount: Mount, tmp_path: Path) -> None:
-    program = script(tmp_path, "slow.sh", """
-read -r t
-case "$t" in *'"attempt":1'*) ;; *) exit 0 ;; esac
+    program = script(tmp_path, "slow.sh", READ_TRIGGER + """
+case "$trigger" in *'"attempt":1'*) ;; *) exit 0 ;; esac
 trap 'echo saved > "$AGENT_DIR/state/saved"; echo checkpoint > "$AGENT_DIR/ctl"; exit 1' TERM
 echo started > "$1/started"
 while :; do sleep 0.05; done
@@ -171,16 +169,17 @@ while :; do sleep 0.05; done
     mount.new_agent("alice", program, str(tmp_path))
     write_once(mount.agent("alice") / "budget", "max_tick_duration 500ms\n")
     write_once(mount.agent("alice") / "inbox", "go\n")
-    mount.wait_ticks("alice", 1)
+    mount.wait_ticks("alice", 2)
     assert (mount.agent("alice") / "state" / "saved").read_text() == "saved\n"
     errors = [r for r in mount.log("alice") if r.get("result") == "error"]
     assert errors[0]["error"] == "killed after 500ms (max_tick_duration)"
 
 
 def test_daily_compute_spent_holds_triggers(mount: Mount) -> None:
-    mount.new_agent("alice", "/bin/sh", "-c", "read -r t; sleep 0.01")
+    # No program yet, so that its first tick (the create trigger) runs under the limit.
+    mount.new_agent("alice")
     write_once(mount.agent("alice") / "budget", "max_daily_compute 1ms\n")
-    write_once(mount.agent("alice") / "inbox", "one\n")
+    write_once(mount.agent("alice") / "ctl", "program /bin/sh -c 'read -r t; sleep 0.01'\n")
     mount.wait_ticks("alice", 1)
     write_once(mount.agent("alice") / "inbox", "two\nthree\n")
     wait_until(lambda: any("refused" in r for r in mount.log("alice") if r["event"] == "budget"))
@@ -197,7 +196,8 @@ def test_daily_compute_spent_holds_triggers(mount: Mount) -> None:
 
 
 def test_retries_setting(mount: Mount) -> None:
-    mount.new_agent("alice", "/bin/false")
+    mount.new_agent("alice", "/bin/sh", "-c",
+                    """read -r t; case "$t" in *'"lifecycle":true'*) exit 0 ;; esac; exit 1""")
     write_once(mount.agent("alice") / "ctl", "retries 1\n")
     assert mount.status("alice")["retries"] == "1"
     write_once(mount.agent("alice") / "inbox", "x\n")
@@ -209,8 +209,7 @@ def test_retries_setting(mount: Mount) -> None:
 
 
 def test_sleep_and_terminate_written_before_a_checkpoint_hold(mount: Mount, tmp_path: Path) -> None:
-    program = script(tmp_path, "quit.sh", """
-read -r t
+    program = script(tmp_path, "quit.sh", READ_TRIGGER + """
 echo terminate > "$AGENT_DIR/ctl"
 echo checkpoint > "$AGENT_DIR/ctl"
 echo done > "$AGENT_DIR/state/last"
@@ -218,20 +217,19 @@ echo done > "$AGENT_DIR/state/last"
     mount.new_agent("alice", program)
     write_once(mount.agent("alice") / "inbox", "go\n")
     wait_until(lambda: mount.status("alice")["status"] == "terminated")
-    wait_until(lambda: mount.status("alice")["ticks"] == "1")
+    mount.wait_ticks("alice", 3)  # create, go, and the terminate trigger it caused
     assert (mount.agent("alice") / "state" / "last").read_text() == "done\n"
     assert not [r for r in mount.log("alice") if r.get("result") == "error"]
 
 
 def test_retries_inside_a_tick_refuses_the_whole_write(mount: Mount, tmp_path: Path) -> None:
-    program = script(tmp_path, "mixed.sh", """
-read -r t
-case "$t" in *wake*) exit 0 ;; esac
+    program = script(tmp_path, "mixed.sh", READ_TRIGGER + """
+case "$trigger" in *wake*) exit 0 ;; esac
 printf 'wake again\\nretries 5\\n' > "$AGENT_DIR/ctl" || echo refused > "$1/result"
 """)
     mount.new_agent("alice", program, str(tmp_path))
     write_once(mount.agent("alice") / "inbox", "go\n")
-    mount.wait_ticks("alice", 1)
+    mount.wait_ticks("alice", 2)
     assert (tmp_path / "result").read_text() == "refused\n"
     assert mount.status("alice")["pending"] == "0"  # the wake did not take effect either
     assert mount.status("alice")["retries"] == "3"

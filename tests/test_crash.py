@@ -7,10 +7,9 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from conftest import InboxWriter, Mount, json_lines, wait_until
+from conftest import READ_TRIGGER, InboxWriter, Mount, json_lines, wait_until
 
-PROGRAM = """#!/bin/sh
-read -r trigger
+PROGRAM = "#!/bin/sh\n" + READ_TRIGGER + """
 id=$(printf '%s\\n' "$trigger" | jq -r .id)
 echo "$id" > "$AGENT_DIR/state/a/$id"
 echo "$id" > "$AGENT_DIR/state/b/$id"
@@ -30,10 +29,12 @@ def check_consistent(mount: Mount, acked: set[str], attempted: set[str]) -> set[
         assert (agent / "state/a" / ident).read_text() == f"{ident}\n"
     replies = Counter(m["in_reply_to"] for m in json_lines(agent / "outbox"))
     assert set(replies) == done_a and set(replies.values()) == {1}
-    ok = Counter(r["trigger"]["id"] for r in json_lines(agent / "log")
-                 if r["event"] == "tick" and r["result"] == "ok")
+    ticks = [r for r in json_lines(agent / "log") if r["event"] == "tick" and r["result"] == "ok"]
+    # The create trigger ran once, before the first crash; no other lifecycle trigger did.
+    assert [r["trigger"]["type"] for r in ticks if r["trigger"].get("lifecycle")] == ["create"]
+    ok = Counter(r["trigger"]["id"] for r in ticks if not r["trigger"].get("lifecycle"))
     assert set(ok) == done_a and set(ok.values()) == {1}
-    assert mount.status("crash")["ticks"] == str(len(done_a))
+    assert mount.status("crash")["ticks"] == str(len(done_a) + 1)
     return done_a
 
 
@@ -42,6 +43,7 @@ def test_kill_9_during_writes_and_ticks(mount: Mount, tmp_path: Path) -> None:
     program.write_text(PROGRAM)
     program.chmod(0o755)
     mount.new_agent("crash", str(program))
+    assert mount.created("crash")["status"] == "active"
     agent = mount.agent("crash")
     os.mkdir(agent / "state/a")
     os.mkdir(agent / "state/b")

@@ -14,12 +14,11 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import InboxWriter, Mount, json_lines, pid_alive, wait_until
+from conftest import READ_TRIGGER, InboxWriter, Mount, json_lines, pid_alive, wait_until
 
 STEPS = """#!/bin/sh
 # $1: a directory outside the mount, for what the test wants to know about the runs.
-read -r trigger
-set -- "$1" $(printf '%s\\n' "$trigger" |
+""" + READ_TRIGGER + """set -- "$1" $(printf '%s\\n' "$trigger" |
   jq -r '"\\(.id) \\(.resume.checkpoint // 0) \\(.attempt)"')
 id=$2 resumed=$3
 steps="$AGENT_DIR/state/steps"
@@ -100,15 +99,19 @@ def check_invariants(mount: Mount, acked: set[str], attempted: set[str]) -> set[
     for message in json_lines(agent / "outbox"):
         assert message["data"] == f"done {message['in_reply_to']}"
     ticks = [r for r in json_lines(agent / "log") if r["event"] == "tick"]
-    ok = Counter(r["trigger"]["id"] for r in ticks if r["result"] == "ok")
+    # The create trigger ran once, before the first crash; no other lifecycle trigger did.
+    assert [r["trigger"]["type"] for r in ticks if r["trigger"].get("lifecycle")] == ["create"]
+    ok = Counter(r["trigger"]["id"] for r in ticks
+                 if r["result"] == "ok" and not r["trigger"].get("lifecycle"))
     assert set(ok) == done and set(ok.values()) <= {1}, ok
-    assert mount.status("steps")["ticks"] == str(len(done))
+    assert mount.status("steps")["ticks"] == str(len(done) + 1)
     return done
 
 
 def test_kill_9_while_ticks_checkpoint(mount: Mount, tmp_path: Path) -> None:
     program = script(tmp_path, "steps.sh", STEPS)
     mount.new_agent("steps", str(program), str(tmp_path))
+    assert mount.created("steps")["status"] == "active"
     agent = mount.agent("steps")
     os.mkdir(agent / "state/steps")
     rng = random.Random()
@@ -163,7 +166,7 @@ def test_kill_9_while_ticks_checkpoint(mount: Mount, tmp_path: Path) -> None:
 
 BLOCKING = """#!/bin/sh
 # $1: a directory outside the mount; $1/fifo blocks the first run until the test opens it.
-read -r t
+""" + READ_TRIGGER + """t=$trigger
 echo "$t" >> "$1/triggers"
 case "$t" in
   *'"resume"'*) ;;
@@ -187,6 +190,7 @@ def test_kill_9_while_a_tick_waits_after_its_checkpoint(mount: Mount, tmp_path: 
     os.mkfifo(tmp_path / "fifo")
     program = script(tmp_path, "blocking.sh", BLOCKING)
     mount.new_agent("alice", str(program), str(tmp_path))
+    assert mount.created("alice")["ticks"] == "1"
     agent = mount.agent("alice")
     message = '{"id":"job-1","type":"job"}\n'
     assert os.write(fd := os.open(agent / "inbox", os.O_WRONLY), message.encode()) == \
@@ -199,12 +203,12 @@ def test_kill_9_while_a_tick_waits_after_its_checkpoint(mount: Mount, tmp_path: 
         # The checkpoint is committed: visible from outside the tick, and in the log.
         assert (agent / "state/one").read_text() == "one\n"
         assert [r["count"] for r in mount.log("alice") if r["event"] == "checkpoint"] == [1]
-        assert mount.status("alice")["ticks"] == "0"
+        assert mount.status("alice")["ticks"] == "1"  # its create
         mount.kill()
         assert pid_alive(orphan)  # still blocked on the fifo: the tick was in flight
         mount.restart()
-        status = mount.wait_ticks("alice", 1)
-        assert status["pending"] == "0" and status["status"] == "dormant"
+        status = mount.wait_ticks("alice", 2)
+        assert status["pending"] == "0" and status["status"] == "active"
         first, second = (json.loads(line)
                          for line in (tmp_path / "triggers").read_text().splitlines())
         assert first["id"] == second["id"] == "job-1"
@@ -218,7 +222,9 @@ def test_kill_9_while_a_tick_waits_after_its_checkpoint(mount: Mount, tmp_path: 
         assert [(m["data"], m["in_reply_to"]) for m in replies] == [("finished", "job-1")]
         log = mount.log("alice")
         ticks = [r for r in log if r["event"] == "tick"]
-        assert [(r["result"], r["trigger"]["id"]) for r in ticks] == [("ok", "job-1")]
+        assert [(r["result"], r["trigger"].get("id")) for r in ticks] == \
+            [("ok", None), ("ok", "job-1")]
+        assert ticks[0]["trigger"] == {"type": "create", "lifecycle": True}
         assert [r["count"] for r in log if r["event"] == "checkpoint"] == [1]
         assert "error" not in mount.status("alice")["last"]
         # Release the orphan of the killed daemon: it must not reach the agent's state.

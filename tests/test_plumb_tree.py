@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Mount, errno_of, pid_alive, sh, wait_until, write_once
+from conftest import READ_TRIGGER, Mount, errno_of, pid_alive, sh, wait_until, write_once
 
 from plumber import Message
 
@@ -113,8 +113,7 @@ def test_a_blocked_reader_wakes_when_a_message_arrives(mount: Mount) -> None:
 
 def test_an_agents_outbox_goes_through_the_rules(mount: Mount, tmp_path: Path) -> None:
     program = tmp_path / "post.sh"
-    program.write_text("""#!/bin/sh
-read -r t
+    program.write_text("#!/bin/sh\n" + READ_TRIGGER + """
 echo '{"type":"post","data":"posted"}' >> "$AGENT_DIR/outbox"
 echo '{"to":"nowhere","type":"text","data":"lost"}' >> "$AGENT_DIR/outbox"
 """)
@@ -122,7 +121,7 @@ echo '{"to":"nowhere","type":"text","data":"lost"}' >> "$AGENT_DIR/outbox"
     npub = mount.new_agent("poster", str(program))
     write_once(mount.mp / "plumb" / "rules", RULES)
     write_once(mount.agent("poster") / "inbox", "go\n")
-    mount.wait_ticks("poster", 1)
+    mount.wait_ticks("poster", 2)  # its create, then go
     fd, message = read_port(mount.mp / "plumb" / "http")
     os.close(fd)
     assert (message["src"], message["data"]) == (npub, "posted")

@@ -10,7 +10,16 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import Mount, errno_of, pid_alive, script, sh, wait_until, write_once
+from conftest import (
+    READ_TRIGGER,
+    Mount,
+    errno_of,
+    pid_alive,
+    script,
+    sh,
+    wait_until,
+    write_once,
+)
 
 SENDER = "npub1sender0000000000000000000000000000000000000000000000000000"
 
@@ -40,16 +49,17 @@ def release(fifo: Path) -> None:
 
 
 def tick_records(mount: Mount, name: str, result: str | None = None) -> list[dict[str, object]]:
+    """The agent's tick records for queued triggers (not lifecycle ones), with `result`."""
     return [r for r in mount.log(name)
-            if r["event"] == "tick" and (result is None or r["result"] == result)]
+            if r["event"] == "tick" and (result is None or r["result"] == result)
+            and not r["trigger"].get("lifecycle")]
 
 
 # -- commit ------------------------------------------------------------------------------------
 
 
 def test_tick_commits_state_reply_and_consumption(mount: Mount, tmp_path: Path) -> None:
-    program = script(tmp_path, "reply.sh", """
-read -r trigger
+    program = script(tmp_path, "reply.sh", READ_TRIGGER + """
 printf '%s' "$trigger" > "$AGENT_DIR/state/trigger"
 mkdir -p "$AGENT_DIR/state/dir" && echo nested > "$AGENT_DIR/state/dir/f"
 echo "reply to $(printf '%s' "$trigger" | jq -r .data)"
@@ -59,10 +69,12 @@ echo "to the log" >&2
 """)
     npub = mount.new_agent("alice", program)
     agent = mount.agent("alice")
+    assert mount.created("alice")["ticks"] == "1"
     message = {"type": "text", "data": "ping", "from": SENDER, "id": "m-1"}
     sh(f"echo '{json.dumps(message)}' > {agent}/inbox")
-    status = mount.wait_ticks("alice", 1)
-    assert (status["pending"], status["status"]) == ("0", "dormant")
+    status = mount.wait_ticks("alice", 2)
+    # Awake until its idle time (30s) has passed with nothing to do.
+    assert (status["pending"], status["status"]) == ("0", "active")
     assert status["last"].endswith(" ok")
     trigger = json.loads((agent / "state/trigger").read_text())
     assert {k: trigger[k] for k in message} == message
@@ -77,7 +89,7 @@ echo "to the log" >&2
         assert reply["from"] == npub and reply["id"] and reply["time"]
     assert len({r["id"] for r in replies}) == 2
     [record] = tick_records(mount, "alice")
-    assert record["result"] == "ok" and record["tick"] == 1
+    assert record["result"] == "ok" and record["tick"] == 2
     assert record["trigger"] == {"id": "m-1", "seq": 1, "type": "text"}
     assert "to the log" in str(record["stderr"])
     usage = dict(line.split(" ", 1) for line in (agent / "budget").read_text().splitlines())
@@ -98,9 +110,13 @@ printf '%s' "$AGENT_DIR" > "$AGENT_DIR/state/AGENT_DIR"
 """)
     npub = mount.new_agent("alice", program)
     agent = mount.agent("alice")
+    # The first tick is the agent's create trigger, which it hears as any other.
+    mount.wait_ticks("alice", 1)
+    assert json.loads((agent / "state/stdin").read_text()) == \
+        {"type": "create", "lifecycle": True, "status": "creating", "attempt": 1}
     message = {"type": "task", "data": {"list": [1, "two"]}, "from": SENDER, "extra": "kept"}
     write_once(agent / "inbox", json.dumps(message) + "\n")
-    mount.wait_ticks("alice", 1)
+    mount.wait_ticks("alice", 2)
     stdin = (agent / "state/stdin").read_text()
     assert stdin.endswith("\n") and stdin.count("\n") == 1
     trigger = json.loads(stdin)
@@ -118,13 +134,16 @@ def test_wake_via_ctl(mount: Mount, tmp_path: Path) -> None:
     mount.new_agent("alice", program)
     agent = mount.agent("alice")
     sh(f"echo 'wake hello there' > {agent}/ctl")
-    mount.wait_ticks("alice", 1)
-    sh(f"echo wake > {agent}/ctl")
     mount.wait_ticks("alice", 2)
-    triggers = [json.loads(line) for line in (agent / "state/triggers").read_text().splitlines()]
+    sh(f"echo wake > {agent}/ctl")
+    mount.wait_ticks("alice", 3)
+    create, *triggers = [json.loads(line)
+                         for line in (agent / "state/triggers").read_text().splitlines()]
+    # The create trigger runs first, before the wake queued while the agent was creating.
+    assert (create["type"], create["lifecycle"]) == ("create", True)
     assert [(t["type"], t["data"]) for t in triggers] == [("wake", "hello there"), ("wake", "")]
     assert [t["seq"] for t in triggers] == [1, 2]
-    assert all(t["id"] and t["time"] for t in triggers)
+    assert all(t["id"] and t["time"] and "lifecycle" not in t for t in triggers)
 
 
 def test_no_program_keeps_triggers_pending_until_one_is_set(mount: Mount, tmp_path: Path) -> None:
@@ -133,15 +152,15 @@ def test_no_program_keeps_triggers_pending_until_one_is_set(mount: Mount, tmp_pa
     sh(f"printf 'one\\ntwo\\n' > {agent}/inbox; echo 'wake three' > {agent}/ctl; "
        f"echo four >> {agent}/inbox")
     status = mount.status("alice")
-    assert (status["pending"], status["ticks"], status["program"]) == ("4", "0", "-")
+    assert (status["pending"], status["ticks"], status["program"], status["status"]) == \
+        ("4", "0", "-", "creating")
     assert [m["data"] for m in mount.inbox("alice")] == ["one", "two", "three", "four"]
     assert tick_records(mount, "alice") == []
-    program = script(tmp_path, "seq.sh", """
-read -r trigger
+    program = script(tmp_path, "seq.sh", READ_TRIGGER + """
 printf '%s\\n' "$trigger" | jq -r .data >> "$AGENT_DIR/state/seen"
 """)
     write_once(agent / "ctl", f"program {program}\n")
-    mount.wait_ticks("alice", 4)
+    mount.wait_ticks("alice", 5)  # its create, then the four
     assert (agent / "state/seen").read_text().split() == ["one", "two", "three", "four"]
     assert mount.status("alice")["pending"] == "0"
 
@@ -151,8 +170,7 @@ printf '%s\\n' "$trigger" | jq -r .data >> "$AGENT_DIR/state/seen"
 
 def test_uncommitted_writes_are_visible_only_to_the_tick(mount: Mount, tmp_path: Path) -> None:
     gate = make_fifo(tmp_path)
-    program = script(tmp_path, "slow.sh", """
-read -r trigger
+    program = script(tmp_path, "slow.sh", READ_TRIGGER + """
 echo v1 > "$AGENT_DIR/state/k"
 echo '{"type":"text","data":"early"}' >> "$AGENT_DIR/outbox"
 { cat "$AGENT_DIR/state/k"; ls "$AGENT_DIR/state"; cat "$AGENT_DIR/outbox"; } > "$1/seen"
@@ -162,6 +180,7 @@ echo done
 """)
     npub = mount.new_agent("alice", program, str(tmp_path), str(gate))
     agent = mount.agent("alice")
+    mount.created("alice")
     write_once(agent / "inbox", "go\n")
     wait_until(lambda: (tmp_path / "started").exists(), 15, "the tick to start")
     seen = (tmp_path / "seen").read_text().splitlines()
@@ -177,7 +196,7 @@ echo done
     assert errno_of(lambda: os.listdir(tick_dir)) == errno.EACCES
     assert errno_of(lambda: (tick_dir / "state/k").read_bytes()) == errno.EACCES
     release(gate)
-    mount.wait_ticks("alice", 1)
+    mount.wait_ticks("alice", 2)
     assert (agent / "state/k").read_text() == "v1\n"
     assert [m["data"] for m in mount.outbox("alice")] == ["early", "done"]
 
@@ -185,8 +204,7 @@ echo done
 @pytest.mark.parametrize("failure", ["exit", "signal"])
 def test_failed_tick_rolls_back(mount: Mount, tmp_path: Path, failure: str) -> None:
     end = "exit 3" if failure == "exit" else "kill -9 $$"
-    program = script(tmp_path, "fail.sh", f"""
-read -r trigger
+    program = script(tmp_path, "fail.sh", READ_TRIGGER + f"""
 echo changed > "$AGENT_DIR/state/k"
 echo new > "$AGENT_DIR/state/new"
 echo 'a reply that must not be sent'
@@ -195,6 +213,7 @@ echo "something broke" >&2
 """)
     mount.new_agent("alice", program)
     agent = mount.agent("alice")
+    mount.created("alice")
     sh(f"echo orig > {agent}/state/k")
     write_once(agent / "inbox", '{"id":"t-1","data":"x"}\n')
     [record] = wait_until(lambda: tick_records(mount, "alice", "error"), 15, "a failed tick")
@@ -207,12 +226,12 @@ echo "something broke" >&2
     assert (agent / "outbox").read_text() == ""
     assert [m["id"] for m in mount.inbox("alice")] == ["t-1"]
     status = mount.status("alice")
-    assert (status["ticks"], status["pending"]) == ("0", "1")
+    assert (status["ticks"], status["pending"]) == ("1", "1")  # the create tick, and t-1
     assert f"error: {expected}" in status["last"]
     # The trigger is still there for the next tick: a fixed program consumes it, once.
     fixed = script(tmp_path, "fixed.sh", 'read -r t; echo "$t" > "$AGENT_DIR/state/k"\n')
     write_once(agent / "ctl", f"program {fixed}\n")
-    mount.wait_ticks("alice", 1)
+    mount.wait_ticks("alice", 2)
     assert json.loads((agent / "state/k").read_text())["id"] == "t-1"
     assert (agent / "inbox").read_text() == ""
     assert len(tick_records(mount, "alice", "ok")) == 1
@@ -221,8 +240,7 @@ echo "something broke" >&2
 @pytest.mark.parametrize("exit_status", [0, 1])
 def test_tick_ctl_and_inbox_writes_commit_with_the_tick(mount: Mount, tmp_path: Path,
                                                          exit_status: int) -> None:
-    program = script(tmp_path, "chain.sh", f"""
-read -r trigger
+    program = script(tmp_path, "chain.sh", READ_TRIGGER + f"""
 printf '%s\\n' "$trigger" >> "$1/triggers"
 case "$trigger" in
 *'"data":"first"'*)
@@ -235,7 +253,7 @@ esac
     npub = mount.new_agent("alice", program, str(tmp_path))
     write_once(mount.agent("alice") / "inbox", "first\n")
     if exit_status == 0:
-        mount.wait_ticks(npub, 3)
+        mount.wait_ticks(npub, 4)  # its create, then the three
         assert os.readlink(mount.mp / "renamed") == npub
         assert not os.path.lexists(mount.mp / "alice")
         triggers = [json.loads(t) for t in (tmp_path / "triggers").read_text().splitlines()]
@@ -251,8 +269,7 @@ esac
 
 
 def test_timeout_kills_the_process_group_and_rolls_back(mount: Mount, tmp_path: Path) -> None:
-    program = script(tmp_path, "hang.sh", """
-read -r trigger
+    program = script(tmp_path, "hang.sh", READ_TRIGGER + """
 echo partial > "$AGENT_DIR/state/k"
 sleep 30 &
 echo "$$ $!" >> "$1/pids"
@@ -276,8 +293,7 @@ sleep 30
 
 def test_unmount_during_a_tick_kills_it_and_keeps_the_trigger(mount: Mount,
                                                                tmp_path: Path) -> None:
-    program = script(tmp_path, "once.sh", """
-read -r trigger
+    program = script(tmp_path, "once.sh", READ_TRIGGER + """
 echo "$$" >> "$1/pids"
 echo run > "$AGENT_DIR/state/k"
 if [ ! -e "$1/ran" ]; then touch "$1/ran"; sleep 30; fi
@@ -291,7 +307,7 @@ if [ ! -e "$1/ran" ]; then touch "$1/ran"; sleep 30; fi
     wait_until(lambda: not pid_alive(daemon), 10, "the daemon to exit")
     wait_until(lambda: not pid_alive(first), 10, "the tick's program to be killed")
     mount.start()
-    mount.wait_ticks("alice", 1)
+    mount.wait_ticks("alice", 2)
     assert (mount.agent("alice") / "state/k").read_text() == "run\n"
     assert len((tmp_path / "pids").read_text().split()) == 2
     assert len(tick_records(mount, "alice", "ok")) == 1
@@ -323,7 +339,8 @@ def write(path):
         f.write("intruder")
 
 
-sys.stdin.read()
+if json.loads(sys.stdin.read()).get("lifecycle"):
+    sys.exit(0)
 attempt("read_state", lambda: open(os.path.join(mp, other, "state", "secret")).read())
 attempt("write_state", lambda: write(os.path.join(mp, other, "state", "planted")))
 attempt("list_state", lambda: os.listdir(os.path.join(mp, other, "state")))
@@ -344,7 +361,7 @@ def test_a_tick_cannot_touch_another_agent(mount: Mount, tmp_path: Path) -> None
     sh(f"echo s3cret > {mount.mp}/bob/state/secret")
     mount.new_agent("alice", sys.executable, str(probe), str(mount.mp), bob)
     write_once(mount.agent("alice") / "inbox", "probe\n")
-    mount.wait_ticks("alice", 1)
+    mount.wait_ticks("alice", 2)
     state = mount.agent("alice") / "state"
     results = {name: (state / name).read_text() for name in os.listdir(state)}
     assert results.pop("mine") == "intruder"
@@ -360,8 +377,7 @@ def test_a_tick_cannot_touch_another_agent(mount: Mount, tmp_path: Path) -> None
 
 def test_a_tick_cannot_escape_isolation_with_setsid(mount: Mount, tmp_path: Path) -> None:
     # setsid(2) leaves the tick's session; a double fork also leaves its process tree.
-    program = script(tmp_path, "escape.sh", """
-read -r trigger
+    program = script(tmp_path, "escape.sh", READ_TRIGGER + """
 setsid cat "$2/bob/state/secret" > "$1/stolen" 2>&1
 setsid sh -c 'echo planted > "$1/bob/state/planted"' sh "$2" 2>/dev/null
 ( setsid sh -c 'echo > "$1/away"; cat "$2/bob/state/secret" > "$1/orphan" 2>&1
@@ -373,7 +389,7 @@ true
     sh(f"echo s3cret > {mount.mp}/bob/state/secret")
     mount.new_agent("alice", program, str(tmp_path), str(mount.mp))
     write_once(mount.agent("alice") / "inbox", "escape\n")
-    mount.wait_ticks("alice", 1)
+    mount.wait_ticks("alice", 2)
     orphan = tmp_path / "orphan"
     wait_until(lambda: orphan.exists() and "done" in orphan.read_text())
     assert os.listdir(mount.agent("bob") / "state") == ["secret"]
@@ -397,8 +413,7 @@ def test_outsiders_cannot_enter_tick_dirs(mount: Mount) -> None:
 
 def test_outside_state_write_waits_for_the_running_tick(mount: Mount, tmp_path: Path) -> None:
     gate = make_fifo(tmp_path)
-    program = script(tmp_path, "append.sh", """
-read -r trigger
+    program = script(tmp_path, "append.sh", READ_TRIGGER + """
 echo tick >> "$AGENT_DIR/state/k"
 touch "$1/started"
 read -r go < "$2"
@@ -413,7 +428,7 @@ read -r go < "$2"
     try:
         assert outside.is_alive()
         release(gate)
-        mount.wait_ticks("alice", 1)
+        mount.wait_ticks("alice", 2)
     finally:
         outside.join(30)
     assert not outside.is_alive()
@@ -422,23 +437,21 @@ read -r go < "$2"
 
 
 def test_one_agent_ticks_one_at_a_time_in_order(mount: Mount, tmp_path: Path) -> None:
-    program = script(tmp_path, "serial.sh", """
-read -r trigger
+    program = script(tmp_path, "serial.sh", READ_TRIGGER + """
 mkdir "$1/running" 2>/dev/null || echo "overlap" >> "$1/overlaps"
 printf '%s\\n' "$trigger" | jq -r .seq >> "$AGENT_DIR/state/order"
 rmdir "$1/running"
 """)
     mount.new_agent("alice", program, str(tmp_path))
     write_once(mount.agent("alice") / "inbox", "".join(f"m{i}\n" for i in range(8)))
-    mount.wait_ticks("alice", 8)
+    mount.wait_ticks("alice", 9)
     assert (mount.agent("alice") / "state/order").read_text().split() == \
         [str(i) for i in range(1, 9)]
     assert not (tmp_path / "overlaps").exists()
 
 
 def test_many_agents_tick_in_parallel(mount: Mount, tmp_path: Path) -> None:
-    program = script(tmp_path, "barrier.sh", """
-read -r trigger
+    program = script(tmp_path, "barrier.sh", READ_TRIGGER + """
 echo "$AGENT_NAME" > "$AGENT_DIR/state/done"
 touch "$1/started.$AGENT_NAME"
 while [ ! -e "$1/go" ]; do sleep 0.01; done
@@ -453,7 +466,7 @@ echo "reply from $AGENT_NAME"
     wait_until(lambda: len(list(tmp_path.glob("started.*"))) >= 4, 20, "four ticks at once")
     (tmp_path / "go").touch()
     for name in names:
-        mount.wait_ticks(name, 1, timeout=30)
+        mount.wait_ticks(name, 2, timeout=30)
     for name in names:
         assert (mount.agent(name) / "state/done").read_text() == f"{name}\n"
         assert [m["data"] for m in mount.outbox(name)] == [f"reply from {name}"]
@@ -461,13 +474,12 @@ echo "reply from $AGENT_NAME"
 
 
 def test_processes_a_tick_leaves_behind_are_killed(mount: Mount, tmp_path: Path) -> None:
-    program = script(tmp_path, "leave.sh", """
-read -r t
+    program = script(tmp_path, "leave.sh", READ_TRIGGER + """
 ( setsid sh -c 'echo $$ > "$1/pid"; exec sleep 1000' sh "$1" & )
 while [ ! -s "$1/pid" ]; do :; done
 """)
     mount.new_agent("alice", program, str(tmp_path))
     write_once(mount.agent("alice") / "inbox", "go\n")
-    mount.wait_ticks("alice", 1)
+    mount.wait_ticks("alice", 2)
     pid = int((tmp_path / "pid").read_text())
     wait_until(lambda: not pid_alive(pid), timeout=10)

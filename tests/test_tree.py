@@ -25,6 +25,7 @@ from conftest import (
 
 from agentfs.identity import agent_private_key, npub_encode, nsec_encode, public_key
 
+ROOT_FILES = ["alarms", "ctl", "nostr", "plumb", "tokens"]
 AGENT_FILES = ["budget", "ctl", "inbox", "log", "outbox", "state"]
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -44,12 +45,16 @@ def refusals(agent: Path) -> list[dict[str, object]]:
 
 def test_layout(mount: Mount) -> None:
     mp = mount.mp
-    assert sh(f"ls {mp}").stdout.split() == ["ctl", "plumb"]
+    assert sh(f"ls {mp}").stdout.split() == ROOT_FILES
+    # For drivers: anyone may read the due alarms; the token hashes are the owner's.
+    assert stat.S_IMODE(os.stat(mp / "alarms").st_mode) == 0o444
+    assert stat.S_IMODE(os.stat(mp / "tokens").st_mode) == 0o400
+    assert (mp / "alarms").read_text() == (mp / "tokens").read_text() == ""
     alice = mount.new_agent("alice")
     bob = mount.new_agent("bob", "/bin/cat")
     assert alice == expected_npub(mount.store, 0)
     assert bob == expected_npub(mount.store, 1)
-    listed = ["ctl", "plumb", "alice", "bob", alice, bob]
+    listed = [*ROOT_FILES, "alice", "bob", alice, bob]
     assert sorted(sh(f"ls {mp}").stdout.split()) == sorted(listed)
     assert sh(f"readlink {mp}/alice").stdout.strip() == alice
     assert os.readlink(mp / "bob") == bob
@@ -70,10 +75,12 @@ def test_ctl_status_fields(mount: Mount) -> None:
     mount.new_agent("bob", "/bin/sh", "-c", "echo 'hi there'")
     lines = (mount.mp / "alice" / "ctl").read_text().splitlines()
     assert [line.split(" ", 1)[0] for line in lines] == \
-        ["npub", "name", "status", "ticks", "pending", "last", "program", "retries"]
-    assert mount.status("alice") == {"npub": npub, "name": "alice", "status": "dormant",
+        ["npub", "name", "status", "ticks", "pending", "last", "program", "retries", "idle",
+         "alarm", "token"]
+    # Without a program its create trigger cannot run: it stays creating.
+    assert mount.status("alice") == {"npub": npub, "name": "alice", "status": "creating",
                                      "ticks": "0", "pending": "0", "last": "-", "program": "-",
-                                     "retries": "3"}
+                                     "retries": "3", "idle": "30s", "alarm": "-", "token": "-"}
     assert mount.status("bob")["program"] == "/bin/sh -c 'echo '\"'\"'hi there'\"'\"''"
 
 
@@ -107,7 +114,7 @@ def test_new_duplicate_and_bad_names(mount: Mount) -> None:
     for bad in ["new .hidden", "new ctl", "new npub1abc", "new a/b", "new " + "x" * 65, "new",
                 "create bob", "new 'unclosed", "new bob\nnew bob", "new plumb"]:
         assert errno_of(partial(write_once, mp / "ctl", bad + "\n")) == errno.EINVAL, bad
-    listed = ["ctl", "plumb", "alice", expected_npub(mount.store, 0)]
+    listed = [*ROOT_FILES, "alice", expected_npub(mount.store, 0)]
     assert sorted(os.listdir(mp)) == sorted(listed)
     # The failed attempts did not use up agent numbers.
     assert mount.new_agent("bob") == expected_npub(mount.store, 1)
@@ -141,6 +148,7 @@ def test_bad_agent_ctl_is_einval_and_logged(mount: Mount) -> None:
     assert os.readlink(mount.mp / "alice2") == status["npub"]
     assert errno_of(lambda: os.lstat(mount.mp / "alice")) == errno.ENOENT
     assert mount.status("alice2")["program"] == "/bin/echo 'a b'"
+    assert mount.created("alice2")["status"] == "active"  # with a program, its create ran
     write_once(agent / "ctl", "sleep\n")
     assert mount.status("alice2")["status"] == "dormant"
     write_once(agent / "ctl", "terminate\n")
@@ -362,7 +370,7 @@ def test_secrets_never_appear_in_the_tree_or_logs(mount: Mount, tmp_path: Path) 
     npub = mount.new_agent("alice", str(program))
     mount.new_agent("bob")
     sh(f"echo hello > {mount.mp}/alice/inbox; echo 'wake up' > {mount.mp}/bob/ctl")
-    mount.wait_ticks("alice", 1)
+    mount.wait_ticks("alice", 2)  # its create, then hello
     secrets = [mount.store.mnemonic]
     for n in range(2):
         private = agent_private_key(mount.store.mnemonic, n)
