@@ -77,6 +77,8 @@ def parse(words: list[str], now: float | None = None) -> Alarm | None:
             due = datetime.fromisoformat(words[1].replace("Z", "+00:00")).timestamp()
         except ValueError:
             raise errors.invalid(f"ctl: alarm at {words[1]!r}: no such time") from None
+        if due < 0:
+            raise errors.invalid(f"ctl: alarm at {words[1]!r}: before 1970")
         return Alarm(due)
     if words[0] == "every":
         period = parse_duration(words[1])

@@ -75,13 +75,16 @@ def _lines(data: bytes, what: str) -> list[str]:
 
 def parse_agent_ctl(data: bytes) -> list[Command]:
     """Every command in one write, or EINVAL naming the first bad one."""
-    commands = []
+    commands: list[Command] = []
     lines = _lines(data, "ctl")
     if not lines:
         raise errors.invalid("ctl: empty command")
     for line in lines:
         verb, _, rest = line.strip().partition(" ")
         rest = rest.strip()
+        if commands and commands[-1].verb == "terminate":
+            # A terminated agent changes no more: what follows it in the write would.
+            raise errors.invalid(f"ctl: {verb!r} after terminate: terminate comes last")
         if verb not in AGENT_VERBS:
             raise errors.invalid(
                 f"ctl: unknown command {verb!r} (known: {' '.join(sorted(AGENT_VERBS))})")

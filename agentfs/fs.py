@@ -143,6 +143,8 @@ class AgentFs(pyfuse3.Operations):
             if tick is not None and caller is tick:
                 return tick
             refusal = errors.denied(f"{what}: .tick/ is only for the agent's running tick")
+        elif caller is not None and node.kind is Kind.TOKENS:
+            refusal = errors.denied(f"{what}: no agent reads the tokens' hashes")
         elif caller is not None and node.index >= 0 and node.index != caller.index:
             refusal = errors.denied(f"{what}: a tick may not touch another agent's files")
         elif caller is not None and write:
@@ -390,9 +392,6 @@ class AgentFs(pyfuse3.Operations):
                                  what=f"open {node.kind.value}")
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if node.kind is Kind.TOKENS and tick is None and \
-                self.runtime.engine.tick_of_caller(ctx.pid) is not None:
-            raise pyfuse3.FUSEError(errno.EACCES)  # no agent reads the others' token hashes
         if writing and node.kind is Kind.LOG:
             await self._refuse(node, "open log for writing", "log: the audit trail is read-only")
         if writing and node.kind is Kind.OUTBOX and tick is None:
