@@ -580,20 +580,24 @@ class AgentFs(pyfuse3.Operations):
         return runtime.nostr.check_since, runtime.nostr.set_since
 
     async def release(self, fh: int) -> None:
-        handle = self._handles.get(fh)
-        if isinstance(handle, Handle) and handle.partial:
-            # Already logged if refused: release cannot report an error.
+        handle = self._handles.pop(fh, None)
+        if not isinstance(handle, Handle):
+            return
+        self._handles[fh] = handle  # flush finds it: release cannot report an error, but
+        try:                        # what it refuses is logged
             with trio.CancelScope(shield=True), contextlib.suppress(pyfuse3.FUSEError):
-                await self.flush(fh)
-        if isinstance(handle, Handle) and handle.flags & TRUNCATED and \
-                not handle.flags & REFUSED:
-            # `: > rules` wrote nothing: the text is now empty.  Not at flush, which a
-            # shell's `>` calls (closing the fd it dup2'd) before anything is written.
-            with trio.CancelScope(shield=True):
-                await self._replacer(handle.node.kind)[1](b"")
-        if isinstance(handle, Handle) and handle.node.kind is Kind.PORT:
-            self.runtime.plumbing.release(handle.node.path, fh)
-        self._handles.pop(fh, None)
+                if handle.partial:
+                    await self.flush(fh)
+                if handle.flags & TRUNCATED and not handle.flags & REFUSED:
+                    # `: > rules` wrote nothing: the text is now empty.  Not at flush, which
+                    # a shell's `>` calls (closing the fd it dup2'd) before anything is written.
+                    kind = handle.node.kind
+                    async with self._refusals(handle.node, f"truncate {kind.value}"):
+                        await self._replacer(kind)[1](b"")
+        finally:
+            if handle.node.kind is Kind.PORT:
+                self.runtime.plumbing.release(handle.node.path, fh)
+            self._handles.pop(fh, None)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.flush(fh)  # writes are durable when acknowledged; only close-pending remain

@@ -28,8 +28,15 @@ def parse_line(line: bytes, what: str = "inbox") -> Message:
         except json.JSONDecodeError as e:
             raise errors.invalid(
                 f"{what}: line is not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise errors.invalid(f"{what}: JSON nested too deeply") from None
         if not isinstance(message, dict):
             raise errors.invalid(f"{what}: a JSON line must be an object")
+        if "\\ud" in text.lower():  # an escaped surrogate: is it half of a pair?
+            try:
+                json.dumps(message, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise errors.invalid(f"{what}: a lone UTF-16 surrogate in a string") from None
         return message
     return {"type": "text", "data": text}
 
@@ -46,10 +53,24 @@ def parse_lines(data: bytes, what: str = "inbox") -> list[Message]:
     return messages
 
 
+# Ids the daemon gives meaning to: a timer driver's firing, an event a relay brought.
+DRIVER_ID_PREFIXES = ("alarm:", "nostr:")
+
+
 def check_id(message: Message) -> None:
     message_id = message.get("id")
     if isinstance(message_id, str) and len(message_id.encode()) > MAX_ID:
         raise errors.invalid(f"message id longer than {MAX_ID} bytes")
+
+
+def check_agent_id(message: Message) -> None:
+    """check_id, and no id of the drivers' kinds: an agent could otherwise fire or spend
+    another's alarm, or take the id of a DM on its way so that it is dropped."""
+    check_id(message)
+    message_id = message.get("id")
+    if isinstance(message_id, str) and message_id.startswith(DRIVER_ID_PREFIXES):
+        raise errors.invalid(f"message id {message_id[:40]!r}: ids starting "
+                             f"{' or '.join(DRIVER_ID_PREFIXES)} are for drivers")
 
 
 def stamp_id(message: Message) -> None:

@@ -41,7 +41,8 @@ def wake(record: AgentRecord) -> bool:
 def sleep(record: AgentRecord) -> None:
     if record.status == "active":
         record.status = "dormant"
-        record.hook = "sleep" if record.hook in (None, "wake") else record.hook
+        # Put back to sleep before it was told it woke: it hears of neither.
+        record.hook = None if record.hook == "wake" else record.hook or "sleep"
 
 
 def terminate(record: AgentRecord) -> None:
@@ -51,6 +52,8 @@ def terminate(record: AgentRecord) -> None:
 
 
 def fail(record: AgentRecord, why: str) -> None:
+    # A create or wake that failed is owed again after `recover`.
+    record.failed_hook = record.hook if record.hook in ("create", "wake") else None
     record.status = "failed"
     record.hook = "error"
     record.hook_error = why
@@ -59,8 +62,12 @@ def fail(record: AgentRecord, why: str) -> None:
 def recover(record: AgentRecord, has_work: bool) -> None:
     if record.status == "failed":
         record.failures = 0
-        record.status = "active" if has_work else "dormant"
-        record.hook = record.hook_error = None
+        record.hook_error = None
+        record.hook, record.failed_hook = record.failed_hook, None
+        if record.hook == "create":
+            record.status = "creating"
+        else:
+            record.status = "active" if has_work or record.hook else "dormant"
 
 
 def trigger(record: AgentRecord) -> Message:
@@ -83,6 +90,9 @@ def finished(record: AgentRecord, hook: str) -> None:
         # Woken while it ran: `wake` drops a pending `sleep` as if it never ran, but this one
         # did, so the program is owed a `wake` after all.
         record.hook = "wake"
+    elif hook == "wake" and record.hook is None and record.status == "dormant":
+        # Put to sleep while it ran: likewise, it is owed a `sleep`.
+        record.hook = "sleep"
 
 
 def drop_without_program(record: AgentRecord) -> bool:

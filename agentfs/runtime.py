@@ -20,7 +20,7 @@ from .alarms import Alarm, Alarms
 from .committer import CommitQueue
 from .ctl import OWNER_VERBS, TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_program
 from .identity import agent_private_key, npub_decode, npub_encode, public_key
-from .inbox import Inbox, Message, check_id, parse_lines, rfc3339_now, stamp_id
+from .inbox import Inbox, Message, check_agent_id, parse_lines, rfc3339_now, stamp_id
 from .journal import Journal, encode_line
 from .nostr.bridge import NostrBridge, json_event
 from .plumbing import Delivered, Plumbing, from_outbox
@@ -146,6 +146,7 @@ class Runtime:
 
     def outgoing(self, message: Message, npub: str, now: str) -> Message:
         out = dict(message)
+        check_agent_id(out)
         stamp_id(out)
         out.setdefault("type", "text")
         out["from"] = npub
@@ -166,10 +167,13 @@ class Runtime:
             if message.get("hops", 0) > MAX_HOPS:
                 # Two agents that answer every message would answer each other forever.
                 raise errors.invalid(f"passed through {MAX_HOPS} agents: a loop?")
+            entry = {k: v for k, v in message.items() if k not in ("seq", "time", "to")}
             if index is None:
                 self.plumbing.route(txn, from_outbox(message), delivered, sender)
-            elif self.accept(txn, index, {k: v for k, v in message.items()
-                                          if k not in ("seq", "time", "to")}):
+            elif index == sender:
+                # The sender's record is the committing tick's to put: queue only.
+                self.inbox.append(txn, index, entry)
+            elif self.accept(txn, index, entry):
                 delivered.agents.add(index)
             else:
                 raise errors.denied("the recipient is terminated")
@@ -354,7 +358,7 @@ class Runtime:
         if tick is not None:
             _live(tick)
             for message in messages:
-                check_id(message)
+                check_agent_id(message)
             tick.overlay.inbox.extend(messages)
             return
 
@@ -375,7 +379,7 @@ class Runtime:
         _live(tick)
         messages = parse_lines(data, "outbox")
         for message in messages:
-            check_id(message)
+            check_agent_id(message)
         tick.overlay.outbox.extend(messages)
 
     async def budget_write(self, index: int, data: bytes, tick: RunningTick | None) -> None:

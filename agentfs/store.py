@@ -35,7 +35,7 @@ import lmdb
 from . import errors
 from .identity import npub_encode
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: lifecycle hooks, the awake index, alarms
 # How far the Nostr driver has read (unix seconds): from the store's birth at first.
 NOSTR_SINCE_KEY = b"nostr-since"
 DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters",
@@ -89,6 +89,7 @@ class AgentRecord:
     checkpoint: dict[str, Any] | None = None  # {"seq": trigger seq, "count": n} mid-tick
     hook: str | None = None  # a lifecycle trigger still to run: create wake sleep terminate error
     hook_error: str | None = None  # why the agent failed, for its `error` trigger
+    failed_hook: str | None = None  # the create or wake whose failure failed it: owed again
     idle: float | None = None  # seconds idle before it hibernates (None: the default)
     alarm: dict[str, Any] | None = None  # see alarms.Alarm
     token: str | None = None  # SHA-256 (hex) of the bearer token the HTTP driver checks
@@ -169,11 +170,27 @@ class AgentStore:
         store = cls(path, cls._open_env(path, map_size))
         with store.env.begin() as txn:
             version = txn.get(b"version", db=store.db["meta"])
+        if version == b"1":
+            store._migrate_from_1()
+            version = str(STORE_VERSION).encode()
         if version != str(STORE_VERSION).encode():
             store.close()
             raise ValueError(
                 f"{path}: store version {version!r}, this agentfs reads {STORE_VERSION}")
         return store
+
+    def _migrate_from_1(self) -> None:
+        """Version 1 had no lifecycle: an agent still `creating` is owed its `create`, and
+        every agent's record is put again, which fills the `awake` index."""
+        with self.env.begin(write=True) as txn:
+            for record in list(self.agents(txn)):
+                if record.status == "creating" and record.hook is None:
+                    record.hook = "create"
+                self.put_agent(txn, record)
+            meta = self.db["meta"]
+            if txn.get(NOSTR_SINCE_KEY, db=meta) is None:
+                txn.put(NOSTR_SINCE_KEY, str(int(time.time())).encode(), db=meta)
+            txn.put(b"version", str(STORE_VERSION).encode(), db=meta)
 
     def lock(self) -> None:
         """Take the one-daemon-per-store lock; its file holds the daemon's pid."""

@@ -285,8 +285,21 @@ class TickEngine:
                 del self._idle_timers[index]  # from now on a drain that ends sets a new timer
         if index in self._scheduled or index in self._idle_timers:
             return  # busy again, or idle again since: a drain's end set a newer timer
-        if await self.runtime.committer.commit(lambda t: self._hibernate(t, index)):
+        try:
+            asleep = await self.runtime.committer.commit(lambda t: self._hibernate(t, index))
+        except Exception:  # noqa: BLE001 - a store that cannot commit must not end the mount
+            log.exception("agent %d: could not hibernate; it stays awake", index)
+            return
+        if asleep:
             self.notify(index)
+
+    def _drop_hook(self, txn: Txn, index: int) -> bool:
+        """An agent with no program drops its pending hook (not `create`): no one to tell."""
+        record = self.runtime.store.require_agent(txn, index)
+        if record.program or not lifecycle.drop_without_program(record):
+            return False
+        self.runtime.store.put_agent(txn, record)
+        return True
 
     def _hibernate(self, txn: Txn, index: int) -> bool:
         """Put an agent that stayed idle to sleep; True if its `sleep` trigger is to run."""
@@ -309,8 +322,7 @@ class TickEngine:
                 first = runtime.inbox.first(txn, index)
             hook = record.hook
             if hook is not None and not record.program:
-                if lifecycle.drop_without_program(record):
-                    await runtime.committer.commit(lambda t: runtime.store.put_agent(t, record))
+                if await runtime.committer.commit(lambda t: self._drop_hook(t, index)):
                     return Outcome(True)  # look again: the agent may have work
                 return None
             if hook is None and record.status != "active":

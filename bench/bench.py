@@ -653,12 +653,7 @@ def run_http(fs: AgentfsMount, base: Path, n: int) -> list[tuple[int, float, flo
             out.append((c, posts, writes))
         return out
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        http_bench.stop_driver(proc)
 
 
 def local_round_trip(fs: AgentfsMount, base: Path, samples: int) -> list[float]:

@@ -125,6 +125,16 @@ def start_driver(mountpoint: Path, log: Path) -> tuple[subprocess.Popen[bytes], 
     raise RuntimeError(f"agentfs-http did not start: {log.read_text()}")
 
 
+def stop_driver(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL if it has not gone in 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=2000, help="POSTs per run (default 2000)")
@@ -150,12 +160,7 @@ def main() -> int:
             print(f"| {c} | {posts:,.0f}/s | {writes:,.0f}/s |", flush=True)
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_driver(proc)
         fs.close()
     return 0
 

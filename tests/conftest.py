@@ -259,6 +259,17 @@ class Mount:
 MountFactory = Callable[..., Mount]
 
 
+def module_mount(tmp_path_factory: pytest.TempPathFactory, label: str) -> Iterator[Mount]:
+    """A mount for a whole module (a fixture yields from it): its tests use agents of their own."""
+    base = tmp_path_factory.mktemp(label)
+    (base / "mnt").mkdir()
+    m = Mount(init_store(base / "store"), base / "mnt")
+    try:
+        yield m.start()
+    finally:
+        m.stop()
+
+
 @pytest.fixture
 def make_mount(tmp_path: Path) -> Iterator[MountFactory]:
     """make_mount(label, store=None, args=()): a new (or the given) store, mounted."""

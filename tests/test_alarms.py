@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import READ_TRIGGER, Mount, errno_of, init_store, script, sh, wait_until, write_once
+from conftest import (
+    READ_TRIGGER,
+    Mount,
+    errno_of,
+    module_mount,
+    script,
+    sh,
+    wait_until,
+    write_once,
+)
 
 ALARM_LINE = re.compile(r"^(\d+\.\d{3}) (npub1[02-9ac-hj-np-z]+) (alarm:(\d+)\.(\d+))$")
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -26,13 +35,7 @@ SECRET = "correct-horse-battery-staple-42"
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     """One mount for the module: each test uses agents of its own."""
-    base = tmp_path_factory.mktemp("alarms")
-    (base / "mnt").mkdir()
-    m = Mount(init_store(base / "store"), base / "mnt")
-    try:
-        yield m.start()
-    finally:
-        m.stop()
+    yield from module_mount(tmp_path_factory, "alarms")
 
 
 def alarms(mount: Mount) -> list[tuple[float, str, str]]:

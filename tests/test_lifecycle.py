@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Mount, errno_of, init_store, pid_alive, script, wait_until, write_once
+from conftest import (
+    Mount,
+    errno_of,
+    module_mount,
+    pid_alive,
+    script,
+    wait_until,
+    write_once,
+)
 
 # $1: a directory outside the mount.  Each run appends its trigger to $1/triggers first (so
 # failed and killed runs show too) and its pid to $1/pids; a trigger whose type has a fifo
@@ -38,13 +46,7 @@ exit 0
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     """One mount for the tests that do not restart it: each uses agents of its own."""
-    base = tmp_path_factory.mktemp("lifecycle")
-    (base / "mnt").mkdir()
-    m = Mount(init_store(base / "store"), base / "mnt")
-    try:
-        yield m.start()
-    finally:
-        m.stop()
+    yield from module_mount(tmp_path_factory, "lifecycle")
 
 
 class Recorder:
@@ -220,11 +222,12 @@ def test_a_failing_create_fails_the_agent_and_keeps_its_triggers(shared: Mount,
         ("create: exit status 1", 1, "failed")
     failed = [r for r in shared.log("bob") if r["event"] == "tick" and r["result"] == "error"]
     assert [r["status"] for r in failed] == ["failed: create failed"]
-    # recover runs the queued triggers, in order, and no lifecycle trigger.
+    # recover: the create it never got right runs again, then the queued triggers in order.
+    (bob.dir / "fail.create").unlink()
     bob.ctl("recover")
-    bob.wait_status("active", 3)
-    assert bob.runs() == ["create", "error", "text", "text"]
-    assert [t.get("data") for t in bob.triggers()[2:]] == ["one", "two"]
+    bob.wait_status("active", 4)
+    assert bob.runs() == ["create", "error", "create", "text", "text"]
+    assert [t.get("data") for t in bob.triggers()[3:]] == ["one", "two"]
     assert "error" not in bob.status()
 
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import Mount, errno_of, script, wait_until, write_once
 
 from agentfs.identity import agent_private_key, npub_decode, npub_encode, public_key
-from agentfs.nostr import event, nip04, nip17
+from agentfs.nostr import event, nip04, nip17, nip44
 
 RULES = "dst matches 'npub1[02-9ac-hj-np-z]+'\nplumb to nostr\n"
 # Answers every message that is not a lifecycle trigger with "re: DATA" on stdout.
@@ -197,3 +197,60 @@ def test_relays_and_since_files(mount: Mount) -> None:
     mount.restart()
     assert since.read_text() == "1764000000\n"
     wait_until(lambda: relays.read_text() == "", 5, "relays to stay empty over a restart")
+
+
+def test_a_ciphertext_nested_too_deep_is_einval_not_a_crash(mount: Mount, bob: Path) -> None:
+    # A stranger's seal whose rumor is JSON nested deeper than any parser goes.
+    human = Human()
+    bob_pub = npub_decode(os.readlink(mount.agent("bob")))
+    key = nip44.get_conversation_key(human.secret, bob_pub)
+    seal = event.sign(human.secret, nip17.SEAL_KIND, nip44.encrypt("[" * 20000, key))
+    wrap = nip17.gift_wrap(seal, bob_pub)
+    line = json.dumps({"type": "nostr", "event": wrap.to_dict()}) + "\n"
+    assert errno_of(lambda: write_once(mount.agent("bob") / "inbox", line)) == errno.EINVAL
+    assert mount.log("bob")[-1]["error"].startswith(f"nostr: event {wrap.id}")
+    give(mount, "bob", nip17.wrap(human.secret, bob_pub, "still here?"))
+    mount.wait_ticks("bob", 2)  # the daemon, and the agent, go on
+
+
+def test_a_dm_too_long_for_nip44_is_undelivered_and_the_tick_stands(
+        mount: Mount, tmp_path: Path) -> None:
+    (mount.mp / "plumb" / "rules").write_text(RULES)
+    human = Human()
+    program = script(tmp_path, "long.sh", f"""read -r t
+case "$t" in *'"lifecycle":true'*) exit 0;; esac
+printf '{{"to":"{human.npub}","data":"'; head -c 70000 /dev/zero | tr '\\0' x; printf '"}}\\n'
+""")
+    mount.new_agent("long", program)
+    write_once(mount.agent("long") / "inbox", "go\n")
+    mount.wait_ticks("long", 2)
+    [undelivered] = [r for r in mount.log("long") if r["event"] == "undelivered"]
+    assert undelivered["to"] == human.npub
+    assert undelivered["error"].startswith("nostr: cannot make the event")
+
+
+@pytest.mark.parametrize("ident", ["alarm:1795567368613.1", "nostr:" + "ab" * 32])
+def test_an_agent_cannot_send_a_drivers_id(mount: Mount, tmp_path: Path, ident: str) -> None:
+    # With one it could fire another agent's alarm, or have a DM on its way dropped.
+    program = script(tmp_path, "forge.sh", f"""read -r t
+case "$t" in *'"lifecycle":true'*) exit 0;; esac
+line='{{"to":"victim","type":"alarm","id":"{ident}"}}'
+echo "$line" >> "$AGENT_DIR/outbox" || echo refused > "$0.out"
+""")
+    mount.new_agent("victim")
+    mount.new_agent("forger", program)
+    write_once(mount.agent("forger") / "inbox", "go\n")
+    mount.wait_ticks("forger", 2)
+    assert Path(program + ".out").read_text() == "refused\n"
+    assert mount.inbox("victim") == []
+    assert mount.log("forger")[-2]["errno"] == "EINVAL"
+
+
+def test_emptying_since_is_refused_and_logged(mount: Mount) -> None:
+    since = mount.mp / "nostr" / "since"
+    before = since.read_text()
+    with open(since, "w"):
+        pass
+    wait_until(lambda: "refused truncate nostr/since" in
+               (mount.store.path / "daemon.log").read_text(), 5, "the refusal in daemon.log")
+    assert since.read_text() == before

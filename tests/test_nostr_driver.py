@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 from conftest import Mount, script, wait_until
+from nostr_driving import NostrDriver, nostr_drivers  # noqa: F401  (the fixture `drivers`)
 from relay import WAIT, Relay, RelayConnection, publish, query, talk
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
@@ -156,64 +152,6 @@ class Human:
         self.secret = os.urandom(32)
         self.public = public_key(self.secret)
         self.npub = npub_encode(self.public)
-
-
-class NostrDriver:
-    """agentfs-nostr on a mount, its stderr in a file; stopped or killed at the end."""
-
-    def __init__(self, mount: Mount, log: Path, *args: str) -> None:
-        self.mount, self.log, self.args = mount, log, args
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> NostrDriver:
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "drivers.nostr", "--poll", "0.2", *self.args,
-                 str(self.mount.mp)], stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
-        return self
-
-    def text(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
-
-    def wait_log(self, pattern: str, timeout: float = 15) -> re.Match[str]:
-        return wait_until(lambda: re.search(pattern, self.text()), timeout,
-                          f"{pattern!r} in the driver's log:\n{self.text()[-3000:]}")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-        self.proc = None
-
-    def stop(self) -> int | None:
-        """SIGTERM; its exit status (None if it had to be killed)."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-            return None
-
-
-@pytest.fixture
-def drivers() -> Iterator[Callable[..., NostrDriver]]:
-    """drivers(mount, log, *args): a started driver; every one is stopped after the test."""
-    started: list[NostrDriver] = []
-
-    def start(mount: Mount, log: Path, *args: str) -> NostrDriver:
-        started.append(NostrDriver(mount, log, *args).start())
-        return started[-1]
-
-    try:
-        yield start
-    finally:
-        for driver in started:
-            driver.stop()
 
 
 def peer(mount: Mount, name: str, tmp_path: Path) -> tuple[bytes, Path]:

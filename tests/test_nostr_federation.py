@@ -7,16 +7,14 @@ import asyncio
 import datetime
 import json
 import os
-import signal
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nostr_sdk as sdk
 import pytest
 from conftest import Mount, MountFactory, script, wait_until
+from nostr_driving import NostrDriver, nostr_drivers  # noqa: F401  (the fixture `drivers`)
 from relay import Relay, query
 
 from agentfs.identity import npub_decode, public_key
@@ -38,49 +36,19 @@ esac
 """
 
 
-class Driver:
-    """agentfs-nostr on a mount, killed at the end whatever happens."""
-
-    def __init__(self, mount: Mount, log: Path) -> None:
-        self.mount, self.log = mount, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Driver:
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "drivers.nostr", "--poll", "0.5", str(self.mount.mp)],
-                stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-
 @pytest.fixture
-def federated(make_mount: MountFactory, relay: Relay,
-              tmp_path: Path) -> Iterator[Callable[[str], Mount]]:
+def federated(make_mount: MountFactory, relay: Relay, drivers: Callable[..., NostrDriver],
+              tmp_path: Path) -> Callable[[str], Mount]:
     """federated(label): a mount using the relay, with its Nostr driver running."""
-    drivers: list[Driver] = []
 
     def make(label: str) -> Mount:
         mount = make_mount(label)
         (mount.mp / "plumb" / "rules").write_text(RULES)
         (mount.mp / "nostr" / "relays").write_text(relay.url + "\n")
-        drivers.append(Driver(mount, tmp_path / f"{label}-driver.log").start())
+        drivers(mount, tmp_path / f"{label}-driver.log")
         return mount
 
-    try:
-        yield make
-    finally:
-        for driver in drivers:
-            driver.stop()
+    return make
 
 
 def peer(mount: Mount, name: str, tmp_path: Path) -> tuple[str, Path]:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, errno_of, init_store, sh
+from conftest import Mount, errno_of, module_mount, sh
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -137,13 +137,7 @@ def test_state_survives_remount(mount: Mount) -> None:
 
 @pytest.fixture(scope="module")
 def shared_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
-    base = tmp_path_factory.mktemp("state-machine")
-    (base / "mnt").mkdir()
-    m = Mount(init_store(base / "store"), base / "mnt")
-    try:
-        yield m.start()
-    finally:
-        m.stop()
+    yield from module_mount(tmp_path_factory, "state-machine")
 
 
 NAMES = st.sampled_from(["a", "b", "c"])

@@ -64,20 +64,25 @@ class NostrBridge:
             try:
                 event = from_json(message.data)
                 check(event)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise errors.invalid(f"nostr: plumb/send needs a signed event: {e}") from None
             return self._queued(message, event)
         secret = self._secret(txn, sender)
         kind = message.attr.get("kind", "")
-        if message.type == "note" or kind == str(NOTE_KIND):
-            tags = [["p", _recipient(message.dst).hex()]] if message.dst else []
-            event = sign(secret, NOTE_KIND, message.data, tags)
-        elif message.attr.get("dm") == "nip04" or kind == str(DM04_KIND):
-            recipient = _recipient(message.dst)
-            content = nip04.encrypt(message.data, secret, recipient)
-            event = sign(secret, DM04_KIND, content, [["p", recipient.hex()]])
-        else:
-            event = nip17.wrap(secret, _recipient(message.dst), message.data)
+        try:
+            if message.type == "note" or kind == str(NOTE_KIND):
+                tags = [["p", _recipient(message.dst).hex()]] if message.dst else []
+                event = sign(secret, NOTE_KIND, message.data, tags)
+            elif message.attr.get("dm") == "nip04" or kind == str(DM04_KIND):
+                recipient = _recipient(message.dst)
+                content = nip04.encrypt(message.data, secret, recipient)
+                event = sign(secret, DM04_KIND, content, [["p", recipient.hex()]])
+            else:
+                event = nip17.wrap(secret, _recipient(message.dst), message.data)
+        except (ValueError, UnicodeError) as e:
+            # Too long for NIP-44, not a key on the curve, text that is not Unicode: the
+            # message is undelivered (and logged so), the tick that sent it stands.
+            raise errors.invalid(f"nostr: cannot make the event: {e}") from None
         return self._queued(message, event)
 
     @staticmethod
@@ -95,7 +100,7 @@ class NostrBridge:
         try:
             event = from_dict(message["event"])
             check(event)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, RecursionError) as e:
             raise errors.invalid(f"nostr: not a valid signed event: {e}") from None
         if not any(len(t) > 1 and t[0] == "p" and t[1] == record.pubkey for t in event.tags):
             raise errors.invalid(f"nostr: event {event.id} has no p tag naming this agent")
@@ -114,7 +119,8 @@ class NostrBridge:
                 kind, dm, text = "mention", "", event.content
             else:
                 raise ValueError(f"kind {event.kind} is not one agentfs reads (1, 4, 1059)")
-        except ValueError as e:
+        except (ValueError, RecursionError, UnicodeError) as e:
+            # Whatever a stranger can put in a ciphertext must end here, as EINVAL.
             raise errors.invalid(f"nostr: event {event.id}: {e}") from None
         entry = {"id": f"nostr:{event.id}", "type": kind, "from": npub_encode(author),
                  "data": text, "nostr": about}
