@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from conftest import (
     Mount,
+    Store,
     errno_of,
     module_mount,
     pid_alive,
@@ -24,6 +25,8 @@ from conftest import (
     wait_until,
     write_once,
 )
+
+from agentfs.store import AgentRecord, AgentStore
 
 # $1: a directory outside the mount.  Each run appends its trigger to $1/triggers first (so
 # failed and killed runs show too) and its pid to $1/pids; a trigger whose type has a fifo
@@ -402,3 +405,25 @@ def test_pending_triggers_survive_a_crash(mount: Mount, tmp_path: Path) -> None:
     finally:  # the runs the kills left behind, blocked on fifos nobody can open any more
         jan.kill_leftovers()
         kim.kill_leftovers()
+
+
+def test_a_version_1_store_is_migrated(store: Store, tmp_path: Path) -> None:
+    # Version 1 had no lifecycle: an agent made with a program was `creating` with no hook.
+    program = script(tmp_path, "old.sh", 'read -r t; echo "$t" >> "$0.seen"\n')
+    s = AgentStore.open(store.path)
+    try:
+        with s.env.begin(write=True) as txn:
+            pub = "aa" * 32
+            s.add_agent(txn, AgentRecord(s.claim_index(txn), pub, "old", [program], "creating"))
+            txn.delete(b"\0\0\0\0", db=s.db["awake"])  # version 1 had no awake index
+            txn.put(b"version", b"1", db=s.db["meta"])
+    finally:
+        s.close()
+    (tmp_path / "mnt").mkdir()
+    m = Mount(store, tmp_path / "mnt").start()
+    try:
+        wait_until(lambda: m.status("old")["status"] == "active", 10, "the create to run")
+        assert [json.loads(line)["type"] for line in
+                Path(program + ".seen").read_text().splitlines()] == ["create"]
+    finally:
+        m.stop()
