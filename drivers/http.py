@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from agentfs.inbox import DRIVER_ID_PREFIXES
 from plumber.message import Message, MessageError, check_attr_name
 
 log = logging.getLogger("agentfs-http")
@@ -234,6 +235,10 @@ def inbox_message(exchange: Exchange, body: bytes) -> dict[str, Any]:
         message["id"] = secrets.token_hex(16)
     if len(message["id"].encode()) > MAX_ID:
         raise Refusal(400, f"the id is longer than {MAX_ID} bytes")
+    if message["id"].startswith(DRIVER_ID_PREFIXES) or message.get("type") in ("alarm", "nostr"):
+        # The timer's and the Nostr driver's: a POST could fire an alarm, or take a DM's id.
+        raise Refusal(400, "ids starting alarm: or nostr:, and the types alarm and nostr, "
+                           "are for the timer and Nostr drivers")
     return message
 
 
