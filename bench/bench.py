@@ -151,6 +151,17 @@ def proc_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def proc_rss_split_mb(pid: int) -> tuple[float, float]:
+    """(anonymous, file-backed) resident MB: LMDB's map is file pages, the kernel's to drop."""
+    found: dict[str, float] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                found[key] = int(value.split()[0]) / 1024
+    return found.get("RssAnon", float("nan")), found.get("RssFile", float("nan"))
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -1147,7 +1158,10 @@ def main() -> int:
                                      f"an awake agent {fmt_ms(hot)}", f"{ours / hot:.1f}×",
                                      "-"))
                     rss_after = proc_rss_mb(fs.pid)
-                    notes.append(f"dormant: RSS after the wake samples {rss_after:.0f} MB")
+                    anon, mapped = proc_rss_split_mb(fs.pid)
+                    notes.append(f"dormant: RSS after the wake samples {rss_after:.0f} MB, of "
+                                 f"which {anon:.0f} MB anonymous and {mapped:.0f} MB file "
+                                 "pages (LMDB's map and the program's libraries)")
                 fs.close()
 
         if "plumb" in only:
