@@ -25,10 +25,28 @@ class TickOverlay:
     spends: list[dict[str, Any]] = field(default_factory=list)
     bytes_delta: int = 0  # what the changes add to the agent's stored bytes
 
-    def reset(self) -> None:
-        """Forget everything: it has been committed (a checkpoint)."""
-        self.changes, self.outbox, self.inbox, self.ctl = {}, [], [], []
-        self.charges, self.spends, self.bytes_delta = {}, [], 0
+    def snapshot(self) -> TickOverlay:
+        """What the tick has written so far, frozen: a checkpoint commits this while the
+        tick's other processes may go on writing to the overlay itself."""
+        return TickOverlay(self.store, self.index, dict(self.changes), list(self.outbox),
+                           list(self.inbox), list(self.ctl), dict(self.charges),
+                           list(self.spends), self.bytes_delta)
+
+    def forget(self, done: TickOverlay) -> None:
+        """Drop what `done`, a snapshot of this overlay, committed; keep what came since."""
+        for path, entry in done.changes.items():
+            if path in self.changes and self.changes[path] is entry:
+                del self.changes[path]
+        for mine, theirs in ((self.outbox, done.outbox), (self.inbox, done.inbox),
+                             (self.ctl, done.ctl), (self.spends, done.spends)):
+            del mine[:len(theirs)]
+        for key, amount in done.charges.items():
+            left = self.charges.get(key, 0) - amount
+            if left:
+                self.charges[key] = left
+            else:
+                self.charges.pop(key, None)
+        self.bytes_delta -= done.bytes_delta
 
     def get(self, path: str) -> Entry | None:
         if path in self.changes:

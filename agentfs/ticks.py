@@ -479,10 +479,12 @@ class TickEngine:
     # -- commit and rollback (run inside the committer's transaction) ---------
 
     def _apply_overlay(self, txn: Txn, tick: RunningTick, record: AgentRecord,
-                       extra: list[Message], now: str) -> tuple[int, bool]:
-        """Write the tick's effects so far; returns (messages sent, asked to sleep)."""
+                       extra: list[Message], now: str,
+                       overlay: TickOverlay | None = None) -> tuple[int, bool]:
+        """Write the tick's effects (or a snapshot of them); returns (messages sent, asked
+        to sleep)."""
         runtime, store, index = self.runtime, self.runtime.store, tick.index
-        overlay = tick.overlay
+        overlay = tick.overlay if overlay is None else overlay
         view = TxnState(store, txn, index)
         for path, entry in overlay.changes.items():
             view.set(path, entry)
@@ -516,13 +518,14 @@ class TickEngine:
         """Commit what the tick wrote so far; a failure later rolls back only to here."""
         tick.checkpoints += 1
         count = tick.checkpoints
+        frozen = tick.overlay.snapshot()
 
         def apply(txn: Txn) -> None:
             record = self.runtime.store.require_agent(txn, tick.index)
             if record.status == "terminated" and not tick.terminated:
                 raise errors.denied("the agent was terminated while the tick ran")
             now = rfc3339_now()
-            sent, _asleep = self._apply_overlay(txn, tick, record, [], now)
+            sent, _asleep = self._apply_overlay(txn, tick, record, [], now, frozen)
             record.checkpoint = {"seq": tick.seq, "count": count}
             if tick.hook is not None:
                 record.checkpoint["hook"] = tick.hook
@@ -530,14 +533,14 @@ class TickEngine:
             self.runtime.log.append(txn, tick.index, {
                 "time": now, "event": "checkpoint", "count": count,
                 "trigger": {"id": tick.trigger.get("id"), "seq": tick.seq},
-                "state_changes": len(tick.overlay.changes), "sent": sent})
+                "state_changes": len(frozen.changes), "sent": sent})
 
         await self.runtime.committer.commit(apply)
-        tick.asleep = tick.asleep or any(c.verb == "sleep" for c in tick.overlay.ctl)
-        tick.terminated = tick.terminated or any(c.verb == "terminate" for c in tick.overlay.ctl)
+        tick.asleep = tick.asleep or any(c.verb == "sleep" for c in frozen.ctl)
+        tick.terminated = tick.terminated or any(c.verb == "terminate" for c in frozen.ctl)
         self._notify_delivered(tick)
-        tick.storage_base += tick.overlay.bytes_delta
-        tick.overlay.reset()
+        tick.storage_base += frozen.bytes_delta
+        tick.overlay.forget(frozen)
         for old in tick.dropped_names:
             await self.runtime.name_dropped(old)
         tick.dropped_names.clear()

@@ -483,3 +483,28 @@ while [ ! -s "$1/pid" ]; do :; done
     mount.wait_ticks("alice", 2)
     pid = int((tmp_path / "pid").read_text())
     wait_until(lambda: not pid_alive(pid), timeout=10)
+
+
+def test_a_checkpoint_while_another_process_of_the_tick_writes(mount: Mount,
+                                                                tmp_path: Path) -> None:
+    # The commit of a checkpoint runs beside the tick: writes that land meanwhile are not
+    # lost, nor committed twice, and nothing fails.
+    program = script(tmp_path, "busy.sh", READ_TRIGGER + """
+d="$AGENT_DIR/state"
+( i=0; while [ $i -lt 300 ]; do echo "$i" > "$d/w$i"; i=$((i+1)); done ) &
+j=0; while [ $j -lt 20 ]; do echo checkpoint > "$AGENT_DIR/ctl" || exit 3; j=$((j+1)); done
+wait
+""")
+    mount.new_agent("busy", program)
+    mount.created("busy")
+    write_once(mount.agent("busy") / "inbox", "go\n")
+    status = mount.wait_ticks("busy", 2, timeout=60)
+    assert status["last"].endswith(" ok")
+    state = mount.agent("busy") / "state"
+    assert len(os.listdir(state)) == 300
+    assert all((state / f"w{i}").read_text() == f"{i}\n" for i in range(300))
+    usage = dict(line.split(" ", 1) for line in (mount.agent("busy") / "budget").read_text()
+                 .splitlines() if line.startswith("used_storage_bytes"))
+    assert usage  # the stored bytes are counted once
+    assert int(usage["used_storage_bytes"].split()[0]) == sum(
+        len(f"{i}\n") for i in range(300))
