@@ -126,10 +126,10 @@ class Runtime:
     def tokens_text(self) -> bytes:
         """`NPUB NAME SHA256` a line for each agent with a bearer token: the HTTP driver's."""
         lines = []
-        with self.store.read() as txn:
-            for record in self.store.agents(txn):
-                if record.token:
-                    lines.append(f"{record.npub} {record.name or '-'} {record.token}\n")
+        with self.store.read() as txn:  # only the agents with tokens: a driver re-reads often
+            for index in self.store.with_tokens(txn):
+                record = self.store.require_agent(txn, index)
+                lines.append(f"{record.npub} {record.name or '-'} {record.token}\n")
         return "".join(lines).encode()
 
     def budget_text(self, index: int) -> bytes:

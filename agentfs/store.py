@@ -15,6 +15,7 @@ Layout (named databases; an agent is its 4-byte big-endian creation index `ix`):
     alarms    due time (8 bytes, unix ms) + ix -> b"": every agent's alarm (see alarms.py)
     awake     ix -> b"": agents the daemon must keep an eye on after a restart (creating,
               active, or with a lifecycle trigger to run); kept by `put_agent`
+    tokens    ix -> b"": agents with a bearer token (the root file `tokens`); by `put_agent`
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ STORE_VERSION = 2  # 2: lifecycle hooks, the awake index, alarms
 # How far the Nostr driver has read (unix seconds): from the store's birth at first.
 NOSTR_SINCE_KEY = b"nostr-since"
 DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters",
-            "seen", "ports", "alarms", "awake")
+            "seen", "ports", "alarms", "awake", "tokens")
 
 # Address space only: LMDB grows the file as pages are written, not to the map size.
 DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
@@ -245,14 +246,21 @@ class AgentStore:
     def put_agent(self, txn: Txn, record: AgentRecord) -> None:
         key = agent_key(record.index)
         txn.put(key, record.encode(), db=self.db["agents"])
-        if record.awake:
-            txn.put(key, b"", db=self.db["awake"])
-        else:
-            txn.delete(key, db=self.db["awake"])
+        for index_db, member in (("awake", record.awake), ("tokens", bool(record.token))):
+            if member:
+                txn.put(key, b"", db=self.db[index_db])
+            else:
+                txn.delete(key, db=self.db[index_db])
 
     def awake(self, txn: Txn) -> Iterator[int]:
         """The agents that are not asleep: creating, active, or with a hook to run."""
-        for key, _value in txn.cursor(db=self.db["awake"]):
+        return self._members(txn, "awake")
+
+    def with_tokens(self, txn: Txn) -> Iterator[int]:
+        return self._members(txn, "tokens")
+
+    def _members(self, txn: Txn, index_db: str) -> Iterator[int]:
+        for key, _value in txn.cursor(db=self.db[index_db]):
             yield int.from_bytes(key, "big")
 
     def index_by_pubkey(self, txn: Txn, pubkey: bytes) -> int | None:
