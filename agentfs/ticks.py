@@ -310,7 +310,7 @@ class TickEngine:
             return False
         lifecycle.sleep(record)
         if not record.program:
-            record.hook = None
+            lifecycle.drop_without_program(record)
         store.put_agent(txn, record)
         return record.hook is not None
 
@@ -583,25 +583,26 @@ class TickEngine:
         store, index = self.runtime.store, tick.index
         record = store.require_agent(txn, index)
         now = rfc3339_now()
-        record.failures += 1
+        report = tick.hook if tick.hook in lifecycle.REPORTS else None
         budget.roll_day(record)
         record.usage["used_daily_compute"] = record.usage.get("used_daily_compute", 0) + \
             outcome.duration
         record.last = f"{now} error: {outcome.error}"
-        if tick.hook in lifecycle.REPORTS:
-            record.failures -= 1  # the transition it reports stands: nothing to retry
+        if report is not None:  # the transition it reports stands: nothing to retry or count
             record.checkpoint = None
-            lifecycle.finished(record, tick.hook)
-        elif tick.hook == "create" and record.status == "creating":  # not if terminated
-            lifecycle.fail(record, f"create: {outcome.error}")
-        elif record.failures >= record.max_failures and record.status == "active":
-            lifecycle.fail(record, outcome.error)
+            lifecycle.finished(record, report)
+        else:
+            record.failures += 1
+            if tick.hook == "create" and record.status == "creating":  # not if terminated
+                lifecycle.fail(record, f"create: {outcome.error}")
+            elif record.failures >= record.max_failures and record.status == "active":
+                lifecycle.fail(record, outcome.error)
         self.runtime.warn_budget(txn, record, now)
         store.put_agent(txn, record)
         entry: dict[str, Any] = {
             "time": now, "event": "tick", "result": "error", "error": outcome.error,
             "trigger": _described(tick),
-            "attempt": 1 if tick.hook in lifecycle.REPORTS else record.failures,
+            "attempt": 1 if report is not None else record.failures,
             "duration": round(outcome.duration, 6),
             "stderr": outcome.stderr.decode("utf-8", errors="replace"),
         }
