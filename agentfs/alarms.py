@@ -11,6 +11,7 @@ advances past now when it fires: after downtime it fires once, not once per miss
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ from .store import AgentRecord, AgentStore, Txn, agent_key
 from .units import format_duration, parse_duration
 
 ID_PREFIX = "alarm:"
+CANCEL = "cancel"
 MIN_PERIOD = 1.0  # seconds: a shorter `every` is a busy loop, not an alarm
 _AT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:\d{2})$")
 
@@ -48,6 +50,14 @@ class Alarm:
         return None if raw is None else cls(float(raw["due"]), raw.get("every"),
                                             int(raw.get("serial", 0)))
 
+    def to_arg(self) -> str:
+        """The alarm as a ctl command's argument: set at write time, applied at commit."""
+        return json.dumps(self.encode())
+
+    @classmethod
+    def from_arg(cls, arg: str) -> Alarm | None:
+        return None if arg == CANCEL else cls.decode(json.loads(arg))
+
     def describe(self) -> str:
         text = rfc3339(self.due)
         return f"{text} every {format_duration(self.every)}" if self.every else text
@@ -63,7 +73,7 @@ def parse(words: list[str], now: float | None = None) -> Alarm | None:
     now = time.time() if now is None else now
     usage = "ctl: usage: alarm DURATION | alarm at RFC3339-TIME | alarm every DURATION | " \
             "alarm cancel"
-    if words == ["cancel"]:
+    if words == [CANCEL]:
         return None
     if len(words) == 1:
         return Alarm(now + parse_duration(words[0]))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shlex
 from dataclasses import dataclass
@@ -109,8 +108,7 @@ def parse_agent_ctl(data: bytes) -> list[Command]:
             commands.append(Command(verb, ("api", str(_positive(words[1], "charge")))))
         elif verb == "alarm":
             alarm = alarms.parse(rest.split())
-            commands.append(Command(verb, ("cancel",) if alarm is None else
-                                    (json.dumps(alarm.encode()),)))
+            commands.append(Command(verb, (alarms.CANCEL if alarm is None else alarm.to_arg(),)))
         elif verb == "idle":
             if not rest:
                 raise errors.invalid("ctl: usage: idle DURATION (0 hibernates at once)")

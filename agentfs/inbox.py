@@ -106,9 +106,8 @@ class Inbox:
         txn.put(agent_key(index) + seq.to_bytes(8, "big"), raw, db=self.db)
         return stored
 
-    def seen_before(self, txn: Txn, index: int, message: Message) -> bool:
-        """Whether a message with this one's id was accepted already (pending or consumed)."""
-        message_id = message.get("id")
+    def seen_before(self, txn: Txn, index: int, message_id: object) -> bool:
+        """Whether a message with this id was accepted already (pending or consumed)."""
         return isinstance(message_id, str) and \
             txn.get(agent_key(index) + message_id.encode(), db=self.seen) is not None
 

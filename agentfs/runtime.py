@@ -8,7 +8,6 @@ tick goes to that tick's overlay instead.
 from __future__ import annotations
 
 import errno
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -22,7 +21,7 @@ from .ctl import OWNER_VERBS, TICK_VERBS, Command, parse_agent_ctl, parse_root_c
 from .identity import agent_private_key, npub_decode, npub_encode, public_key
 from .inbox import Inbox, Message, check_agent_id, parse_lines, rfc3339_now, stamp_id
 from .journal import Journal, encode_line
-from .nostr.bridge import NostrBridge, json_event
+from .nostr.bridge import NostrBridge, json_event, nostr_id
 from .plumbing import Delivered, Plumbing, from_outbox
 from .store import AgentRecord, AgentStore, Txn, agent_key
 from .ticks import RunningTick, TickEngine
@@ -196,10 +195,15 @@ class Runtime:
         Returns whether `record` changed (the caller puts it).  An alarm's firing advances
         the alarm; a stale one (fired before, or cancelled) is dropped with a log line.
         """
-        if json_event(message):
+        event = json_event(message)
+        # A sender's retry (or the same event from another relay) is acknowledged, and not
+        # applied twice: looked up before an event is verified and opened, which costs.
+        if self.inbox.seen_before(txn, record.index,
+                                  nostr_id(message["event"].get("id")) if event
+                                  else message.get("id")):
+            return False
+        if event:
             message = self.nostr.incoming(txn, record, message)
-        if self.inbox.seen_before(txn, record.index, message):
-            return False  # a sender's retry: acknowledged, and not applied twice
         fired = self.alarms.fired(txn, record, message)
         if fired is False:
             self.log.append(txn, record.index, {
@@ -298,9 +302,7 @@ class Runtime:
         elif verb == "recover":
             lifecycle.recover(record, self.inbox.first(txn, record.index) is not None)
         elif verb == "alarm":
-            raw = command.args[0]
-            self.alarms.set(txn, record, None if raw == "cancel" else
-                            Alarm.decode(json.loads(raw)))
+            self.alarms.set(txn, record, Alarm.from_arg(command.args[0]))
         elif verb == "idle":
             record.idle = float(command.args[0])
         elif verb == "token":
@@ -561,8 +563,7 @@ def _describe(command: Command) -> str:
     if command.verb == "token":
         return "token set" if command.args[0] else "token none"
     if command.verb == "alarm":
-        raw = command.args[0]
-        alarm = None if raw == "cancel" else Alarm.decode(json.loads(raw))
+        alarm = Alarm.from_arg(command.args[0])
         return f"alarm {alarm.describe()}" if alarm else "alarm cancel"
     if command.verb == "idle":
         return f"idle {format_duration(float(command.args[0]))}"

@@ -122,7 +122,7 @@ class NostrBridge:
         except (ValueError, RecursionError, UnicodeError) as e:
             # Whatever a stranger can put in a ciphertext must end here, as EINVAL.
             raise errors.invalid(f"nostr: event {event.id}: {e}") from None
-        entry = {"id": f"nostr:{event.id}", "type": kind, "from": npub_encode(author),
+        entry = {"id": nostr_id(event.id), "type": kind, "from": npub_encode(author),
                  "data": text, "nostr": about}
         if dm:
             entry["dm"] = dm
@@ -186,3 +186,7 @@ def json_event(message: dict[str, Any]) -> bool:
     """Whether an inbox message is an event for `incoming` to open."""
     return message.get("type") == "nostr" and isinstance(message.get("event"), dict)
 
+
+def nostr_id(event_id: object) -> str | None:
+    """The inbox id of an event the driver wrote: `nostr:` and the event's id."""
+    return f"nostr:{event_id}" if isinstance(event_id, str) else None
