@@ -580,11 +580,11 @@ class AgentFs(pyfuse3.Operations):
         return runtime.nostr.check_since, runtime.nostr.set_since
 
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
+        handle = self._handles.get(fh)
         if not isinstance(handle, Handle):
+            self._handles.pop(fh, None)
             return
-        self._handles[fh] = handle  # flush finds it: release cannot report an error, but
-        try:                        # what it refuses is logged
+        try:  # release cannot report an error: what it refuses is logged
             with trio.CancelScope(shield=True), contextlib.suppress(pyfuse3.FUSEError):
                 if handle.partial:
                     await self.flush(fh)
