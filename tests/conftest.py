@@ -8,6 +8,7 @@ mount is driven with shell tools and plain `os` calls, and every mount is unmoun
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shlex
@@ -117,6 +118,27 @@ def script(directory: Path, name: str, body: str) -> str:
     path.write_text("#!/bin/sh\n" + body)
     path.chmod(0o755)
     return str(path)
+
+
+def release_fifo(fifo: Path, unlink: bool = False) -> None:
+    """Let a program blocked reading `fifo` go on (waiting for it to open the fifo first);
+    with `unlink`, the fifo is gone before the program reads on, so it waits no more."""
+
+    def opened() -> int | None:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no reader yet
+                return None
+            raise
+
+    fd = wait_until(opened, 15, f"a reader on {fifo}")
+    try:
+        if unlink:
+            os.unlink(fifo)
+        os.write(fd, b"go\n")
+    finally:
+        os.close(fd)
 
 
 def write_once(path: Path | str, data: bytes | str, flags: int = os.O_WRONLY) -> int:

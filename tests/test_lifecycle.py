@@ -21,6 +21,7 @@ from conftest import (
     errno_of,
     module_mount,
     pid_alive,
+    release_fifo,
     script,
     wait_until,
     write_once,
@@ -107,11 +108,7 @@ class Recorder:
 
     def release(self, kind: str) -> None:
         """Let the run waiting on hold.KIND go on; later runs of KIND do not wait."""
-        fifo = self.dir / f"hold.{kind}"
-        fd = wait_until(lambda: _open_writer(fifo), 15, f"a reader on {fifo}")
-        os.unlink(fifo)
-        os.write(fd, b"go\n")
-        os.close(fd)
+        release_fifo(self.dir / f"hold.{kind}", unlink=True)
 
     def kill_leftovers(self) -> None:
         path = self.dir / "pids"
@@ -119,15 +116,6 @@ class Recorder:
             if pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-
-
-def _open_writer(fifo: Path) -> int | None:
-    try:
-        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as e:
-        if e.errno == errno.ENXIO:  # no reader yet
-            return None
-        raise
 
 
 def lifecycle_log(mount: Mount, name: str) -> list[tuple[str, str]]:

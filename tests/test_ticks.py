@@ -15,6 +15,7 @@ from conftest import (
     Mount,
     errno_of,
     pid_alive,
+    release_fifo,
     script,
     sh,
     wait_until,
@@ -28,24 +29,6 @@ def make_fifo(directory: Path, name: str = "gate") -> Path:
     fifo = directory / name
     os.mkfifo(fifo)
     return fifo
-
-
-def release(fifo: Path) -> None:
-    """Let a program blocked reading `fifo` go on (waiting for it to open the fifo first)."""
-
-    def opened() -> int | None:
-        try:
-            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # no reader yet
-                return None
-            raise
-
-    fd = wait_until(opened, 15, f"a reader on {fifo}")
-    try:
-        os.write(fd, b"go\n")
-    finally:
-        os.close(fd)
 
 
 def tick_records(mount: Mount, name: str, result: str | None = None) -> list[dict[str, object]]:
@@ -195,7 +178,7 @@ echo done
     tick_dir = mount.mp / ".tick" / npub
     assert errno_of(lambda: os.listdir(tick_dir)) == errno.EACCES
     assert errno_of(lambda: (tick_dir / "state/k").read_bytes()) == errno.EACCES
-    release(gate)
+    release_fifo(gate)
     mount.wait_ticks("alice", 2)
     assert (agent / "state/k").read_text() == "v1\n"
     assert [m["data"] for m in mount.outbox("alice")] == ["early", "done"]
@@ -427,7 +410,7 @@ read -r go < "$2"
     outside.start()
     try:
         assert outside.is_alive()
-        release(gate)
+        release_fifo(gate)
         mount.wait_ticks("alice", 2)
     finally:
         outside.join(30)
