@@ -160,6 +160,17 @@ def test_rules_written_line_by_line(mount: Mount) -> None:
     assert rules.read_text() == RULES
 
 
+def test_truncating_the_rules_empties_them_and_appending_nothing_does_not(
+        mount: Mount) -> None:
+    rules = mount.mp / "plumb" / "rules"
+    write_once(rules, RULES)
+    sh(f": >> {rules}")  # opened without O_TRUNC, nothing written: unchanged
+    assert rules.read_text() == RULES
+    sh(f": > {rules}")  # bash flushes before it would write: emptied only at release
+    wait_until(lambda: rules.read_text() == "", 5, "the rules to be emptied")
+    assert sorted(os.listdir(mount.mp / "plumb")) == ["rules", "send"]
+
+
 def test_sigterm_with_a_reader_waiting_on_a_port(mount: Mount) -> None:
     write_once(mount.mp / "plumb" / "rules", RULES)
     with subprocess.Popen(["cat", str(mount.mp / "plumb" / "http")],
