@@ -14,6 +14,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from . import sandbox
 from .fs import AgentFs
 from .runtime import Runtime
 from .store import AgentStore
@@ -32,8 +33,12 @@ class MountError(Exception):
     pass
 
 
+OUR_OPTIONS = {"jobs", "sandbox", "uid_base", "tools"}
+
+
 def fuse_options(store: Path, given: list[str]) -> tuple[set[str], dict[str, str]]:
-    """The FUSE mount options for `-o` words, and agentfs's own (`jobs=N`)."""
+    """The FUSE mount options for `-o` words, and agentfs's own (jobs, sandbox, uid_base,
+    tools)."""
     options = set(pyfuse3.default_options)
     options.add(f"fsname={store}")
     options.add("subtype=agentfs")
@@ -44,10 +49,23 @@ def fuse_options(store: Path, given: list[str]) -> tuple[set[str], dict[str, str
             continue
         if key in PASSED_OPTIONS:
             options.add(word)
-        elif key == "jobs":
+        elif key in OUR_OPTIONS:
             ours[key] = value
         else:
             raise MountError(f"unknown mount option {word!r}")
+    if ours.get("sandbox", "on") not in ("on", "off"):
+        raise MountError(f"sandbox={ours['sandbox']}: say sandbox=on or sandbox=off")
+    if "uid_base" in ours and not (ours["uid_base"].isdigit() and
+                                   1000 <= int(ours["uid_base"]) < 2**32 - sandbox.UID_SPAN):
+        raise MountError(f"uid_base={ours['uid_base']}: a uid from 1000 to "
+                         f"{2**32 - sandbox.UID_SPAN - 1}")
+    for tool in filter(None, ours.get("tools", "").split(":")):
+        if not os.path.isabs(tool) or not os.path.exists(tool):
+            raise MountError(f"tools: {tool!r} is not an absolute path that exists")
+    if ours.get("sandbox", "on") == "on":
+        # Other uids (the agents') must reach the mount at all, and the kernel must check
+        # the modes and owners the tree declares.
+        options |= {"allow_other", "default_permissions"}
     return options, ours
 
 
@@ -70,7 +88,11 @@ def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
     except Exception as e:  # noqa: BLE001 - every failure to start is reported the same way
         _report(ready_fd, f"agentfs: {e}")
         return 1
-    runtime = Runtime(store, str(mountpoint), jobs)
+    box = None
+    if ours.get("sandbox", "on") == "on":
+        box = sandbox.Sandbox(str(mountpoint), int(ours.get("uid_base", sandbox.DEFAULT_UID_BASE)),
+                              filter(None, ours.get("tools", "").split(":")))
+    runtime = Runtime(store, str(mountpoint), jobs, box)
     ops = AgentFs(runtime)
     try:
         pyfuse3.init(ops, str(mountpoint), fuse_opts)

@@ -50,6 +50,9 @@ logger = logging.getLogger("agentfs")
 # lookup, open and opendir: a cached entry grants nothing.  `state/` entries are not
 # cached: a tick's commit changes them behind the kernel's back.
 STABLE_TIMEOUT = 60.0
+# `.tick/` may be passed through by agents' uids but not listed; an agent's directory is
+# its owner's alone (the mount's owner, or under `.tick/` the agent's uid).
+DIR_MODES = {Kind.TICKS: 0o711, Kind.AGENT: 0o700}
 
 
 @dataclass
@@ -134,7 +137,7 @@ class AgentFs(pyfuse3.Operations):
         """
         engine = self.runtime.engine
         try:
-            caller = engine.tick_of_caller(ctx.pid)
+            caller = engine.tick_of_caller(ctx.pid, ctx.uid)
         except errors.FsError as e:
             raise pyfuse3.FUSEError(e.errno) from None
         refusal: errors.FsError | None = None
@@ -159,7 +162,7 @@ class AgentFs(pyfuse3.Operations):
                tick: RunningTick | None = None) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = inode
-        attrs.st_uid, attrs.st_gid = self._uid, self._gid
+        attrs.st_uid, attrs.st_gid = self._owner(node)
         attrs.st_blksize = 4096
         attrs.entry_timeout = attrs.attr_timeout = 0.0
         mtime = self._mounted_ns
@@ -168,7 +171,7 @@ class AgentFs(pyfuse3.Operations):
             attrs.st_mode = PORT_MODE
             attrs.st_nlink = 1
         elif kind in DIRS:
-            attrs.st_mode = stat.S_IFDIR | (0o700 if kind in (Kind.TICKS, Kind.AGENT) else 0o755)
+            attrs.st_mode = stat.S_IFDIR | DIR_MODES.get(kind, 0o755)
             attrs.st_nlink = 2
             attrs.entry_timeout = attrs.attr_timeout = STABLE_TIMEOUT
         elif kind is Kind.LINK:
@@ -204,6 +207,15 @@ class AgentFs(pyfuse3.Operations):
         attrs.st_blocks = (attrs.st_size + 511) // 512
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime
         return attrs
+
+    def _owner(self, node: Node) -> tuple[int, int]:
+        """Who owns a node, for the kernel's permission checks: a tick's own view belongs to
+        its agent's uid (sandboxed), everything else to the mount's owner."""
+        box = self.runtime.sandbox
+        if node.tick and box is not None:
+            uid = box.uid(node.index)
+            return uid, uid
+        return self._uid, self._gid
 
     def _link_target(self, node: Node) -> bytes:
         with self.runtime.store.read() as txn:

@@ -23,6 +23,7 @@ from .inbox import Inbox, Message, check_agent_id, parse_lines, rfc3339_now, sta
 from .journal import Journal, encode_line
 from .nostr.bridge import NostrBridge, json_event, nostr_id
 from .plumbing import Delivered, Plumbing, from_outbox
+from .sandbox import Sandbox
 from .store import AgentRecord, AgentStore, Txn, agent_key
 from .ticks import RunningTick, TickEngine
 from .units import format_duration
@@ -32,8 +33,11 @@ MAX_HOPS = 16  # agents a message may pass through, each answering the last
 
 
 class Runtime:
-    def __init__(self, store: AgentStore, mountpoint: str, jobs: int = 8) -> None:
+    def __init__(self, store: AgentStore, mountpoint: str, jobs: int = 8,
+                 sandbox: Sandbox | None = None) -> None:
         self.store = store
+        # None: ticks run unconfined (-o sandbox=off), which ctl and the log say.
+        self.sandbox = sandbox
         self.inbox = Inbox(store)
         self.outbox = Journal(store, "outbox")
         self.log = Journal(store, "log")
@@ -52,6 +56,8 @@ class Runtime:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.committer.run)
             await nursery.start(self.engine.run)
+            if self.sandbox is not None:
+                nursery.start_soon(self.engine.run_sandbox, self.sandbox)
             task_status.started()
 
     @asynccontextmanager

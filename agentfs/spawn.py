@@ -1,7 +1,8 @@
 """Start a tick's program with posix_spawn in a session of its own, and wait on a pidfd.
 
 No thread is involved, so the program's pid (which is also its session id) is known
-before the program can make its first request of the mount.
+before the program can make its first request of the mount.  This is how ticks start when
+the sandbox is off; `pipes_for_child` serves the sandbox too.
 """
 
 from __future__ import annotations
@@ -47,44 +48,56 @@ class Program:
 PIPE_CAPACITY = 65536
 
 
-def spawn(argv: list[str], env: dict[str, str], stdin: bytes = b"") -> Program:
-    """Start `argv` (searched in PATH) with pipes for its standard streams.
+@dataclass
+class Pipes:
+    """A child's standard streams: its ends to hand over, ours as trio streams."""
 
-    Input that fits in the pipe is written and its end closed here, which spares the
-    caller a task to feed it; larger input is left to the caller through `stdin`.
-    """
+    child_fds: list[int]
+    stdin: trio.lowlevel.FdStream | None
+    stdin_sent: int
+    stdout: trio.lowlevel.FdStream
+    stderr: trio.lowlevel.FdStream
+
+    def close_child(self) -> None:
+        for fd in self.child_fds:
+            os.close(fd)
+        self.child_fds = []
+
+
+def pipes_for_child(stdin: bytes) -> Pipes:
+    """Pipes for stdin, stdout and stderr; input that fits in the pipe is written now and
+    its end closed, which spares the caller a task to feed it (larger input is left to the
+    caller through `stdin`)."""
     pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
-    child_ends = (pipes[0][0], pipes[1][1], pipes[2][1])
-    try:
-        pid = os.posix_spawnp(
-            argv[0], argv, env, setsid=True,
-            file_actions=[(os.POSIX_SPAWN_DUP2, fd, n) for n, fd in enumerate(child_ends)],
-        )
-    except BaseException:
-        for read_end, write_end in pipes:
-            os.close(read_end)
-            os.close(write_end)
-        raise
-    for fd in child_ends:
-        os.close(fd)
-    stdin_stream: trio.lowlevel.FdStream | None = None
     writer = pipes[0][1]
     os.set_blocking(writer, False)
     try:
         written = os.write(writer, stdin) if stdin else 0
     except BlockingIOError:
         written = 0
-    except BrokenPipeError:
-        written = len(stdin)  # the program exited without reading its input: its choice
+    stdin_stream: trio.lowlevel.FdStream | None = None
     if written < len(stdin):
         stdin_stream = trio.lowlevel.FdStream(writer)  # the caller feeds the rest
     else:
         os.close(writer)
-    return Program(
-        pid,
-        stdin_stream,
-        written,
-        trio.lowlevel.FdStream(pipes[1][0]),
-        trio.lowlevel.FdStream(pipes[2][0]),
-        os.pidfd_open(pid),
-    )
+    return Pipes([pipes[0][0], pipes[1][1], pipes[2][1]], stdin_stream, written,
+                 trio.lowlevel.FdStream(pipes[1][0]), trio.lowlevel.FdStream(pipes[2][0]))
+
+
+def spawn(argv: list[str], env: dict[str, str], stdin: bytes = b"") -> Program:
+    """Start `argv` (searched in PATH) with pipes for its standard streams."""
+    ends = pipes_for_child(stdin)
+    try:
+        pid = os.posix_spawnp(
+            argv[0], argv, env, setsid=True,
+            file_actions=[(os.POSIX_SPAWN_DUP2, fd, n) for n, fd in enumerate(ends.child_fds)],
+        )
+    except BaseException:
+        ends.close_child()
+        for stream in (ends.stdin, ends.stdout, ends.stderr):
+            if stream is not None:
+                stream.close()
+        raise
+    ends.close_child()
+    return Program(pid, ends.stdin, ends.stdin_sent, ends.stdout, ends.stderr,
+                   os.pidfd_open(pid))

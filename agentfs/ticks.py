@@ -25,7 +25,8 @@ from . import budget, errors, lifecycle
 from .inbox import Message, rfc3339_now
 from .overlay import TickOverlay
 from .plumbing import Delivered
-from .spawn import spawn
+from .sandbox import Sandbox, SandboxedProgram, SandboxUnavailable, clean_environment
+from .spawn import Program, spawn
 from .state import TxnState
 from .store import AgentRecord, Txn
 from .units import format_duration
@@ -140,11 +141,32 @@ class TickEngine:
         self._zombies: set[int] = set()
         self._limiter = trio.CapacityLimiter(jobs)
         self._nursery: trio.Nursery | None = None
+        self.sandbox_up = trio.Event()  # set once the sandbox serves, or failed to
+        self.sandbox_problem: str | None = None  # why ticks are refused, if they are
 
     # -- who is asking -------------------------------------------------------
 
-    def tick_of_caller(self, pid: int) -> RunningTick | None:
-        """The running tick that process `pid` belongs to, or None for an outsider.
+    def tick_of_caller(self, pid: int, uid: int) -> RunningTick | None:
+        """The running tick that a request's process belongs to, or None for an outsider.
+
+        Sandboxed, the kernel says it: agent n's ticks, and only they, run as agent n's
+        uid; a process of that uid while no tick of the agent runs is one left behind,
+        and is refused.  Unconfined (sandbox=off), the process tree is walked instead.
+        """
+        box = self.runtime.sandbox
+        if box is not None:
+            index = box.agent_of_uid(uid)
+            if index is None:
+                return None
+            tick = self.running.get(index)
+            if tick is None or tick.finished:
+                raise errors.denied("a process of an agent with no running tick may not use "
+                                    "the mount")
+            return tick
+        return self._tick_of_process(pid)
+
+    def _tick_of_process(self, pid: int) -> RunningTick | None:
+        """sandbox=off: the running tick that process `pid` belongs to, by its ancestry.
 
         A tick's processes are its program and everything it starts: the program leads a
         session of its own, and a descendant that leaves it with setsid(2) still has the
@@ -216,6 +238,23 @@ class TickEngine:
             if done:
                 self._zombies.discard(pid)
 
+    async def run_sandbox(self, box: Sandbox) -> None:
+        """Serve the sandbox for the mount's life; if it cannot start, say why and refuse
+        ticks (they fail with that reason, in their log and ctl)."""
+        def ready() -> None:
+            log.info("sandbox: ready; agent n runs as uid %d+n", box.uid_base)
+            self.sandbox_up.set()
+
+        try:
+            await box.run(ready)
+        except (SandboxUnavailable, OSError) as e:
+            self.sandbox_problem = str(e) or type(e).__name__
+            log.error("sandbox unavailable: %s; ticks are refused (mount with -o sandbox=off "
+                      "to run them unconfined)", self.sandbox_problem)
+        finally:
+            self.sandbox_problem = self.sandbox_problem or "the sandbox ended"
+            self.sandbox_up.set()
+
     async def _sweep(self) -> None:
         while True:
             await trio.sleep(SWEEP_INTERVAL)
@@ -227,7 +266,8 @@ class TickEngine:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._sweep)
+            if self.runtime.sandbox is None:
+                nursery.start_soon(self._sweep)  # sandboxed, the zygote ends leftovers
             store, inbox = self.runtime.store, self.runtime.inbox
             with store.read() as txn:
                 for index in {*store.awake(txn), *inbox.agents_with_pending(txn)}:
@@ -417,11 +457,37 @@ class TickEngine:
     # -- running the program -------------------------------------------------
 
     def _environment(self, tick: RunningTick) -> dict[str, str]:
-        env = dict(os.environ)
-        env["AGENT"] = tick.npub
-        env["AGENT_NAME"] = tick.record.name or ""
-        env["AGENT_DIR"] = os.path.join(self.mountpoint, ".tick", tick.npub)
-        return env
+        """What a tick's environment holds: never the daemon's own (it may hold keys)."""
+        return clean_environment({
+            "AGENT": tick.npub,
+            "AGENT_NAME": tick.record.name or "",
+            "AGENT_DIR": os.path.join(self.mountpoint, ".tick", tick.npub),
+        })
+
+    async def _start(self, tick: RunningTick, argv: list[str],
+                     trigger_line: bytes) -> Program | SandboxedProgram | str:
+        """Start the tick's program, sandboxed unless the mount says otherwise; a string
+        says why it could not start."""
+        box = self.runtime.sandbox
+        env = self._environment(tick)
+        if box is None:
+            try:
+                proc = spawn(argv, env, trigger_line)
+            except OSError as e:
+                return f"cannot start program: {e.strerror}: {argv[0]}"
+            except ValueError as e:
+                return f"cannot start program: {e}"
+            self._register(tick, proc.pid)
+            return proc
+        await self.sandbox_up.wait()
+        if self.sandbox_problem is not None:
+            return f"sandbox unavailable: {self.sandbox_problem}"
+        try:
+            boxed = box.spawn(argv, env, box.uid(tick.index), trigger_line)
+        except (OSError, ValueError, SandboxUnavailable) as e:
+            return f"cannot start program: {e}"
+        await boxed.started()
+        return boxed
 
     async def _run_program(self, tick: RunningTick) -> Outcome:
         record = tick.record
@@ -431,13 +497,9 @@ class TickEngine:
         stdout = _Stdout()
         stderr = bytearray()
         trigger_line = json.dumps(tick.trigger, separators=(",", ":")).encode() + b"\n"
-        try:
-            proc = spawn(record.program, self._environment(tick), trigger_line)
-        except OSError as e:
-            return Outcome(False, f"cannot start program: {e.strerror}: {record.program[0]}")
-        except ValueError as e:
-            return Outcome(False, f"cannot start program: {e}")
-        self._register(tick, proc.pid)
+        proc = await self._start(tick, record.program, trigger_line)
+        if isinstance(proc, str):
+            return Outcome(False, proc)
         timed_out = False
         try:
             async with trio.open_nursery() as nursery:
@@ -469,6 +531,8 @@ class TickEngine:
             why = f"killed after {format_duration(limit)} (max_tick_duration)"
             return Outcome(False, why, stdout.lines, tail, duration)
         status = proc.returncode or 0
+        if isinstance(proc, SandboxedProgram) and proc.error is not None:
+            return Outcome(False, f"cannot start program: {proc.error}", [], tail, duration)
         if status != 0:
             how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
             return Outcome(False, how, stdout.lines, tail, duration)

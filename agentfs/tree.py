@@ -44,15 +44,15 @@ ROOT_FILES = (
     ServedFile("ctl", Kind.ROOT_CTL, stat.S_IFREG | 0o600, stat.S_IFREG | 0o400),
     ServedFile("plumb", Kind.PLUMB, stat.S_IFDIR | 0o755, stat.S_IFDIR | 0o555),
     # For drivers: the timer's due times, and the HTTP driver's token hashes.
-    ServedFile("alarms", Kind.ALARMS, stat.S_IFREG | 0o444, stat.S_IFREG | 0o444),
+    ServedFile("alarms", Kind.ALARMS, stat.S_IFREG | 0o400, stat.S_IFREG | 0o400),
     ServedFile("tokens", Kind.TOKENS, stat.S_IFREG | 0o400, stat.S_IFREG | 0o000),
     ServedFile("nostr", Kind.NOSTR, stat.S_IFDIR | 0o755, stat.S_IFDIR | 0o555),
 )
 
 # nostr/: the Nostr driver's relay list and how far it has read.
 NOSTR_FILES = (
-    ServedFile("relays", Kind.NOSTR_RELAYS, stat.S_IFREG | 0o644, stat.S_IFREG | 0o444),
-    ServedFile("since", Kind.NOSTR_SINCE, stat.S_IFREG | 0o644, stat.S_IFREG | 0o444),
+    ServedFile("relays", Kind.NOSTR_RELAYS, stat.S_IFREG | 0o600, stat.S_IFREG | 0o400),
+    ServedFile("since", Kind.NOSTR_SINCE, stat.S_IFREG | 0o600, stat.S_IFREG | 0o400),
 )
 # Files whose text is replaced as a whole when a writer closes them.
 REPLACED = {Kind.PLUMB_RULES, Kind.NOSTR_RELAYS, Kind.NOSTR_SINCE}

@@ -218,13 +218,22 @@ class Mount:
     def start(self) -> Mount:
         _LOGS_CHECKED.setdefault(self.store.path / "daemon.log", 0)
         done = subprocess.run([*AGENTFS, "mount", "--store", str(self.store.path),
-                               *self.extra_args, str(self.mp)],
+                               *self.sandbox_args(), *self.extra_args, str(self.mp)],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, f"mount failed: {done.stderr}"
         assert os.path.ismount(self.mp)
         self.pid = int((self.store.path / "daemon.pid").read_text())
         assert pid_alive(self.pid)
         return self
+
+    def sandbox_args(self) -> list[str]:
+        """Tests keep their agents' programs (and the fifos they wait on) beside the mount
+        point: that directory is a tool directory, visible read-only in the sandbox, and
+        open to the agents' uids.  The sandbox is on, as it is by default."""
+        if any("tools=" in arg or "sandbox=off" in arg for arg in self.extra_args):
+            return []
+        self.mp.parent.chmod(0o755)
+        return ["-o", f"tools={self.mp.parent}"]
 
     def stop(self) -> None:
         """Unmount (lazily, so it works even with a dead daemon) and see the daemon gone."""
