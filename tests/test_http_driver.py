@@ -205,6 +205,12 @@ def request(path: str, *headers: str, body: bytes = b"") -> bytes:
     return head.encode() + b"\r\n" + body
 
 
+def chunked(body: bytes, size: int = 65536) -> bytes:
+    """`body` in the chunked transfer coding."""
+    pieces = [body[i:i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
 class Target:
     """A real HTTP server on 127.0.0.1: records each POST, answers from `statuses` (then 200),
     and with `hold_first` keeps the first request waiting until `release` is set."""
@@ -342,9 +348,8 @@ def test_refused_requests_write_nothing(mount: Mount, driver: DriverFactory,
         (post(inbox, '{"type":"nostr","event":{}}'), 400, "are for the timer and Nostr"),
         (curl(inbox, "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
               "--data-binary", f"@{tmp_path / 'big'}"), 413, "over 1048576 bytes"),
-        (curl(inbox, "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
-              "-H", "Transfer-Encoding: chunked", "--data-binary", "{}"), 411,
-         "Content-Length is required"),
+        (curl(inbox, "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}"), 411,
+         "a Content-Length (or a chunked body) is required"),
         (curl(inbox, "-H", f"Authorization: Bearer {TOKEN}"), 405, "only POST"),
         (post(f"{d.url}/agents/alice/outbox", "{}"), 404, "no such path"),
         (post(f"{d.url}/agents/gone/inbox", '{"data":"x"}', "gone-secret-0123456789"), 403,
@@ -446,6 +451,30 @@ def test_a_reset_at_any_point_leaves_the_driver_serving(mount: Mount,
     assert "Traceback" not in d.text()
 
 
+def test_two_framings_or_a_chunked_body_over_the_limit_store_nothing(
+        mount: Mount, driver: DriverFactory) -> None:
+    with_token(mount, "alice")
+    d = driver(mount)
+    inbox, auth = "/agents/alice/inbox", f"Authorization: Bearer {TOKEN}"
+    json_type, te = "Content-Type: application/json", "Transfer-Encoding: chunked"
+    big = chunked(b'{"data":"' + b"x" * (3 << 20) + b'"}')
+    for headers in ([auth, json_type, "Content-Length: 20", te],
+                    [te, "Content-Length: 20", json_type, auth],
+                    [te, "Content-Length: 20"]):  # before the token is looked at
+        answer = exchange(d, request(inbox, *headers, body=big))
+        assert status_of(answer) == 400, answer[:300]
+        assert "both Content-Length and Transfer-Encoding" in error_of(answer)
+        assert re.search(rb"(?im)^connection: close\r$", answer)
+    over = chunked(b'{"data":"' + b"x" * (1 << 20) + b'"}')
+    answer = exchange(d, request(inbox, auth, json_type, te, body=over))
+    assert status_of(answer) == 413 and "over 1048576 bytes" in error_of(answer)
+    assert mount.inbox("alice") == []
+    # Chunked within the limit is a body like any other.
+    answer = exchange(d, request(inbox, auth, json_type, te,
+                                 body=chunked(b'{"data":"in chunks"}', 5)))
+    assert status_of(answer) == 202, answer
+    assert [m["data"] for m in mount.inbox("alice")] == ["in chunks"]
+    assert d.proc.poll() is None
 
 
 def test_connections_past_the_cap_are_answered_503(mount: Mount, driver: DriverFactory) -> None:
