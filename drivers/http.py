@@ -62,12 +62,23 @@ UNSUPPORTED = "the Content-Type must be application/json or text/plain (curl -d 
     "application/x-www-form-urlencoded: add -H 'Content-Type: application/json')"
 
 
-class Refusal(Exception):
-    """A request answered with a 4xx or 5xx and {"error": reason}; nothing was written."""
+# The one answer to a request for an inbox that its token does not open, whatever the reason:
+# no such agent, no token, a bad one, or one for another agent.  Told apart, they would let
+# anyone find out which agents exist; the log (the operator's) says which it was.
+UNAUTHORIZED = "no such agent, or no valid bearer token for it"
 
-    def __init__(self, status: int, reason: str) -> None:
+
+class Refusal(Exception):
+    """A request answered with a 4xx or 5xx and {"error": reason}; nothing was written.
+    `detail` is what the log says, if the client is not to be told as much."""
+
+    def __init__(self, status: int, reason: str, detail: str = "") -> None:
         super().__init__(reason)
-        self.status, self.reason = status, reason
+        self.status, self.reason, self.detail = status, reason, detail or reason
+
+
+def unauthorized(detail: str) -> Refusal:
+    return Refusal(401, UNAUTHORIZED, detail)
 
 
 # What a refused write(2) to the tree means to the client: one table, as errnos are named once.
@@ -83,6 +94,8 @@ TREE_ERRORS: dict[int, tuple[int, str]] = {
 def tree_refusal(e: OSError, mounted: bool, what: str) -> Refusal:
     if not mounted:
         return Refusal(503, "the mount is gone")
+    if e.errno == errno.ENOENT and what == "inbox":
+        return unauthorized("no such agent: gone since its token was read")
     status, reason = TREE_ERRORS.get(e.errno or 0, (500, f"{what}: {e.strerror}"))
     if status == 400 and what == "plumb/send":
         reason = "no rule routes the message (EINVAL); the store's daemon.log says why"
@@ -474,7 +487,7 @@ class HttpDriver:
         try:
             status, answer, detail = await self._route(exchange)
         except Refusal as e:
-            status, answer, detail = e.status, {"error": e.reason}, e.reason
+            status, answer, detail = e.status, {"error": e.reason}, e.detail
         except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             raise  # the client's doing: the connection ends
         except Exception:  # a bug costs one request its answer, not the server its life
@@ -489,6 +502,8 @@ class HttpDriver:
         body = json.dumps(answer).encode() + b"\n"
         headers = [("content-type", "application/json"), ("content-length", str(len(body))),
                    ("server", USER_AGENT), *(extra or [])]
+        if status == 401:
+            headers.append(("www-authenticate", "Bearer"))  # RFC 9110 11.6.1: a 401 has one
         if status == 405:
             headers.append(("allow", "POST"))
         if self.stopping or conn.their_state is not h11.DONE:
@@ -515,7 +530,7 @@ class HttpDriver:
 
     async def _inbox(self, exchange: Exchange, agent: str) -> tuple[int, dict[str, str], str]:
         if not AGENT_RE.fullmatch(agent):
-            raise Refusal(404, f"no such agent: {agent}")
+            raise unauthorized(f"no such agent: {agent!r} is not a name")
         npub = await self._authorize(agent, bearer(exchange.headers))
         message = inbox_message(exchange, await exchange.body(MAX_BODY))
         line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
@@ -523,7 +538,8 @@ class HttpDriver:
         return 202, {"id": message["id"]}, f"queued {message['id']} for {agent}"
 
     async def _authorize(self, agent: str, token: str) -> str:
-        """The agent's npub if `token` is its token; re-reads `tokens` when the cache says no."""
+        """The agent's npub if `token` is its token; re-reads `tokens` when the cache says no.
+        Else the one 401 for all reasons; the tree is not asked whether the agent exists."""
         now = trio.current_time()
         fresh = now - self.tokens.loaded < TOKEN_TTL
         npub = self.tokens.check(agent, token) if fresh else None
@@ -535,14 +551,11 @@ class HttpDriver:
             npub = self.tokens.check(agent, token)
         if npub is not None:
             return npub
-        if agent not in self.tokens.hashes and \
-                not await trio.to_thread.run_sync(os.path.exists, self.mp / agent / "inbox"):
-            raise Refusal(404, f"no such agent: {agent}")
         if not token:
-            raise Refusal(401, "missing bearer token")
+            raise unauthorized("missing bearer token")
         if agent not in self.tokens.hashes:
-            raise Refusal(401, f"{agent} has no token")
-        raise Refusal(401, "bad token")
+            raise unauthorized(f"no such agent, or it has no token: {agent}")
+        raise unauthorized("bad token")
 
     async def _plumb(self, exchange: Exchange) -> tuple[int, dict[str, str], str]:
         path = self.config.plumb_token_file

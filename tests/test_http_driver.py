@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 from conftest import Mount, script, wait_until, write_once
 
+from drivers.http import UNAUTHORIZED
+
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -333,10 +335,10 @@ def test_refused_requests_write_nothing(mount: Mount, driver: DriverFactory,
     inbox = f"{d.url}/agents/alice/inbox"
     (tmp_path / "big").write_bytes(b"x" * ((1 << 20) + 1))
     refusals = [
-        (post(inbox, '{"data":"x"}', "wrong-token-0123456789"), 401, "bad token"),
-        (post(inbox, '{"data":"x"}', None), 401, "missing bearer token"),
-        (post(f"{d.url}/agents/notoken/inbox", '{"data":"x"}'), 401, "notoken has no token"),
-        (post(f"{d.url}/agents/nobody/inbox", '{"data":"x"}'), 404, "no such agent: nobody"),
+        (post(inbox, '{"data":"x"}', "wrong-token-0123456789"), 401, UNAUTHORIZED),
+        (post(inbox, '{"data":"x"}', None), 401, UNAUTHORIZED),
+        (post(f"{d.url}/agents/notoken/inbox", '{"data":"x"}'), 401, UNAUTHORIZED),
+        (post(f"{d.url}/agents/nobody/inbox", '{"data":"x"}'), 401, UNAUTHORIZED),
         (post(inbox, '{"data":'), 400, "the body is not JSON"),
         (post(inbox, '["a list"]'), 400, "the body is not a JSON object"),
         (post(inbox, "x", TOKEN, "image/png"), 415, "application/json or text/plain"),
@@ -359,7 +361,10 @@ def test_refused_requests_write_nothing(mount: Mount, driver: DriverFactory,
         assert status == want and reason in answer["error"], (status, answer, reason)
     assert mount.inbox("alice") == [] and mount.inbox("gone") == []
     assert mount.inbox("notoken") == []
+    # The answer is one for every reason; the log, the operator's, tells them apart.
     d.wait_log(r"POST /agents/alice/inbox 401 bad token")
+    d.wait_log(r"POST /agents/alice/inbox 401 missing bearer token")
+    d.wait_log(r"POST /agents/nobody/inbox 401 no such agent, or it has no token: nobody")
     assert TOKEN not in d.text()
     # Tokens change in the tree: a new one works at once, and the old one, or a cleared one,
     # stops working within a second (a token found in the cache is trusted that long).
@@ -369,7 +374,8 @@ def test_refused_requests_write_nothing(mount: Mount, driver: DriverFactory,
     write_once(mount.agent("alice") / "ctl", "token none\n")
     time.sleep(1.1)
     status, answer = post(inbox, '{"data":"none"}', "alice-new-secret-0123")
-    assert (status, answer) == (401, {"error": "alice has no token"})
+    assert (status, answer) == (401, {"error": UNAUTHORIZED})
+    d.wait_log(r"POST /agents/alice/inbox 401 no such agent, or it has no token: alice")
     assert [m["data"] for m in mount.inbox("alice")] == ["new"]
 
 
@@ -532,6 +538,33 @@ def test_a_client_slower_than_the_idle_timeout_is_dropped(mount: Mount,
     assert [m["data"] for m in mount.inbox("alice")] == ["k", "after"]
 
 
+def test_a_401_does_not_tell_which_agents_exist(mount: Mount, driver: DriverFactory,
+                                                tmp_path: Path) -> None:
+    alice = with_token(mount, "alice")
+    mount.new_agent("notoken")
+    with_token(mount, "bob", "bob-secret-0123456789")
+    (tmp_path / "plumb-token").write_text(PLUMB_TOKEN + "\n")
+    d = driver(mount, "--plumb-token-file", str(tmp_path / "plumb-token"))
+    nobody = alice[:-6] + ("qqqqqq" if not alice.endswith("qqqqqq") else "pppppp")
+    agents = ["alice", alice, "notoken", "nobody", nobody, "-not-a-name"]
+    tokens = [None, "wrong-token-0123456789", "bob-secret-0123456789", PLUMB_TOKEN, ""]
+
+    def ask(agent: str, token: str | None) -> bytes:
+        auth = [] if token is None else [f"Authorization: Bearer {token}"]
+        answer = exchange(d, request(f"/agents/{agent}/inbox", *auth,
+                                     "Content-Type: application/json", "Content-Length: 12",
+                                     body=b'{"data":"x"}'))
+        return re.sub(rb"(?im)^date:[^\r\n]*\r\n", b"", answer)
+
+    for token in tokens:
+        answers = {agent: ask(agent, token) for agent in agents}
+        first = answers["nobody"]
+        assert status_of(first) == 401 and error_of(first) == UNAUTHORIZED, first
+        assert re.search(rb"(?im)^www-authenticate: Bearer\r$", first)
+        for agent, answer in answers.items():
+            assert answer == first, (agent, token, answer, first)
+    assert mount.inbox("alice") == [] and mount.inbox("notoken") == []
+    assert ask("bob", "bob-secret-0123456789").startswith(b"HTTP/1.1 202 ")
 
 
 # -- out: the port http, POSTed ----------------------------------------------------------
