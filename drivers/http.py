@@ -731,6 +731,11 @@ class Courier:
             try:
                 status = await trio.to_thread.run_sync(
                     post, url, body, headers, self.config.timeout, abandon_on_cancel=True)
+            except (ValueError, http.client.InvalidURL) as e:
+                # http.client will not write the request: a path that is not ASCII, or has
+                # a blank, a CR in a header.  For ever so; let out, it would end the driver.
+                log.info("refused %s: cannot be sent: %s (url %r)", ident, e, url)
+                return True
             except (OSError, http.client.HTTPException) as e:
                 why = str(e) or type(e).__name__
             else:

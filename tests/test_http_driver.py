@@ -626,6 +626,21 @@ def test_messages_that_cannot_be_delivered_are_refused_not_retried(
     assert first_queued(mount)["type"] == "marker"
 
 
+def test_a_message_http_cannot_carry_is_refused_and_the_rest_delivered(
+        mount: Mount, driver: DriverFactory, target: Callable[..., Target]) -> None:
+    t = target()
+    write_once(mount.mp / "plumb" / "rules", RULES)
+    d = driver(mount, "--allow", "127.0.0.1")
+    send_to_url(mount, f"{t.url}/caf\u00e9", "not ASCII")  # http.client: UnicodeEncodeError
+    send_to_url(mount, f"{t.url}/a b", "a blank")  # InvalidURL, which is for ever
+    write_once(mount.mp / "plumb" / "send",  # a header value with a CR: ValueError
+               json.dumps({"dst": f"{t.url}/hook", "type": "a\rb", "data": "cr"}) + "\n")
+    send_to_url(mount, f"{t.url}/hook", "after")
+    d.wait_log(rf"delivered \S+ to {re.escape(t.url)}/hook: 200")
+    assert [body for _, _, body in t.requests] == [b"after"]
+    assert len(re.findall(r"refused \S+: cannot be sent", d.text())) == 3
+    assert d.stop() == 0
+    assert first_queued(mount)["type"] == "marker"
 
 
 def test_a_driver_killed_mid_delivery_delivers_after_restart(
