@@ -17,11 +17,11 @@ import json
 import logging
 import os
 import re
+import resource
 import secrets
 import signal
 import sys
 from dataclasses import dataclass, field
-from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, NoReturn
@@ -40,7 +40,16 @@ MAX_HEAD = 16 << 10  # bytes of a request line and headers
 MAX_PLUMB_LINE = 128 << 10  # the smallest largest FUSE write: plumb/send parses each write alone
 MAX_ID = 256  # bytes of an inbox id, as the tree allows
 REQUEST_TIMEOUT = 30.0  # seconds to receive a whole request
-IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may wait for its next request
+IDLE_TIMEOUT = 30.0  # seconds a connection may take to send a whole request head (--idle-timeout)
+MAX_CONNECTIONS = 256  # connections served at once (--max-connections); more are turned away
+TURN_AWAY_TIME = 1.0  # seconds a connection past the cap gets to read its 503
+ACCEPT_RETRY = 0.1  # seconds to wait when accept(2) finds no file descriptor or memory
+ACCEPT_CAPACITY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# accept(2) errors about one connection, gone before it was accepted: skipped, as trio skips
+ACCEPT_SKIP = frozenset({errno.EPERM, errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN,
+                         errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH,
+                         errno.EOPNOTSUPP, errno.ENETUNREACH})
+SPARE_FDS = 64  # file descriptors besides sockets: listeners, the tree's files, threads'
 GRACE = 5.0  # seconds the requests under way get to finish after SIGTERM
 TOKEN_TTL = 1.0  # seconds a token found in the cache is trusted without reading `tokens`
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 60.0)  # seconds between tries of one delivery
@@ -53,12 +62,23 @@ UNSUPPORTED = "the Content-Type must be application/json or text/plain (curl -d 
     "application/x-www-form-urlencoded: add -H 'Content-Type: application/json')"
 
 
-class Refusal(Exception):
-    """A request answered with a 4xx or 5xx and {"error": reason}; nothing was written."""
+# The one answer to a request for an inbox that its token does not open, whatever the reason:
+# no such agent, no token, a bad one, or one for another agent.  Told apart, they would let
+# anyone find out which agents exist; the log (the operator's) says which it was.
+UNAUTHORIZED = "no such agent, or no valid bearer token for it"
 
-    def __init__(self, status: int, reason: str) -> None:
+
+class Refusal(Exception):
+    """A request answered with a 4xx or 5xx and {"error": reason}; nothing was written.
+    `detail` is what the log says, if the client is not to be told as much."""
+
+    def __init__(self, status: int, reason: str, detail: str = "") -> None:
         super().__init__(reason)
-        self.status, self.reason = status, reason
+        self.status, self.reason, self.detail = status, reason, detail or reason
+
+
+def unauthorized(detail: str) -> Refusal:
+    return Refusal(401, UNAUTHORIZED, detail)
 
 
 # What a refused write(2) to the tree means to the client: one table, as errnos are named once.
@@ -74,6 +94,8 @@ TREE_ERRORS: dict[int, tuple[int, str]] = {
 def tree_refusal(e: OSError, mounted: bool, what: str) -> Refusal:
     if not mounted:
         return Refusal(503, "the mount is gone")
+    if e.errno == errno.ENOENT and what == "inbox":
+        return unauthorized("no such agent: gone since its token was read")
     status, reason = TREE_ERRORS.get(e.errno or 0, (500, f"{what}: {e.strerror}"))
     if status == 400 and what == "plumb/send":
         reason = "no rule routes the message (EINVAL); the store's daemon.log says why"
@@ -162,22 +184,27 @@ class Exchange:
         return self.headers.get("content-type", "").partition(";")[0].strip().lower()
 
     async def body(self, limit: int) -> bytes:
-        if "content-length" not in self.headers:
-            raise Refusal(411, "a Content-Length is required")
-        try:
-            length = int(self.headers["content-length"])
-        except ValueError:
-            raise Refusal(400, "a bad Content-Length") from None
-        if length > limit:
-            raise Refusal(413, f"the body is over {limit} bytes")
-        if length == 0:
-            raise Refusal(400, "the body is empty")
+        """The whole body, of 1 to `limit` bytes: a Content-Length's or chunked (h11 takes no
+        other Transfer-Encoding); counted as it comes, since a chunked one has no length."""
+        if "transfer-encoding" not in self.headers:
+            if "content-length" not in self.headers:
+                raise Refusal(411, "a Content-Length (or a chunked body) is required")
+            try:
+                length = int(self.headers["content-length"])
+            except ValueError:
+                raise Refusal(400, "a bad Content-Length") from None
+            if length > limit:
+                raise Refusal(413, f"the body is over {limit} bytes")
         body = bytearray()
         while True:
             event = await next_event(self.conn, self.stream)
             if isinstance(event, h11.Data):
                 body += event.data
+                if len(body) > limit:
+                    raise Refusal(413, f"the body is over {limit} bytes")
             elif isinstance(event, h11.EndOfMessage):
+                if not body:
+                    raise Refusal(400, "the body is empty")
                 return bytes(body)
             else:
                 raise Refusal(400, "the body ended early")
@@ -289,6 +316,8 @@ class Config:
     plumb_token_file: Path | None = None
     plumb_port: str = "http"
     timeout: float = 30.0
+    max_connections: int = MAX_CONNECTIONS
+    idle_timeout: float = IDLE_TIMEOUT
 
 
 class HttpDriver:
@@ -301,6 +330,8 @@ class HttpDriver:
         self.stopping = False
         self._idle: set[trio.CancelScope] = set()
         self.address = ""
+        self.served = 0  # connections served now, each counted until its socket is closed
+        self.turning_away = 0  # connections past the cap, being answered 503
 
     # -- lifetime --
 
@@ -315,8 +346,8 @@ class HttpDriver:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as main:
                 main.start_soon(self._wait_signal, main.cancel_scope)
-                main.start_soon(partial(trio.serve_listeners, handler_nursery=connections),
-                                self._connection, listeners)
+                for listener in listeners:
+                    main.start_soon(self._accept, listener, connections)
                 if self.config.allow:
                     main.start_soon(Courier(self).run)
             # Stopped: no more connections; idle ones close; requests under way get GRACE.
@@ -336,42 +367,112 @@ class HttpDriver:
 
     # -- connections --
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        peer = ":".join(str(p) for p in stream.socket.getpeername()[:2])
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept until cancelled.  The cap is applied here, in the order connections came, so
+        that idle clients cannot hold every file descriptor and starve everyone else."""
+        async with listener:
+            while True:
+                try:
+                    # accept(2) itself, not listener.accept(), for the peer's address: once
+                    # the peer has reset, getpeername(2) has none to tell.
+                    sock, address = await listener.socket.accept()
+                except OSError as e:
+                    if e.errno in ACCEPT_SKIP:
+                        continue
+                    if e.errno not in ACCEPT_CAPACITY:
+                        raise
+                    log.info("accept: %s; trying again in %gs", e.strerror, ACCEPT_RETRY)
+                    await trio.sleep(ACCEPT_RETRY)
+                    continue
+                peer = ":".join(str(p) for p in address[:2])
+                if self.served < self.config.max_connections:
+                    self.served += 1
+                    nursery.start_soon(self._connection, trio.SocketStream(sock), peer, False)
+                elif self.turning_away < self.config.max_connections:
+                    self.turning_away += 1
+                    nursery.start_soon(self._connection, trio.SocketStream(sock), peer, True)
+                else:  # as many again are being answered 503: this one is not even that
+                    log.info("%s: closed unanswered: %d connections open", peer, self.served)
+                    sock.close()
+
+    async def _connection(self, stream: trio.SocketStream, peer: str,
+                          turned_away: bool) -> None:
+        """Serve one connection, or turn it away.  Whatever goes wrong in it ends it alone,
+        in one log line: an exception let out would take the nursery, so every other
+        connection, down."""
+        try:
+            await (self._turn_away(stream, peer) if turned_away else self._serve(stream, peer))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.info("%s: connection lost: %s", peer, why_broken(e))
+        except Exception as e:  # a bug: this connection's, not the server's
+            log.info("%s: connection dropped: %s: %s", peer, type(e).__name__, e)
+        finally:
+            # No checkpoint between the two: a client that sees the close finds the slot free.
+            if turned_away:
+                self.turning_away -= 1
+            else:
+                self.served -= 1
+            await stream.aclose()
+
+    async def _turn_away(self, stream: trio.SocketStream, peer: str) -> None:
+        """503 to a connection past the cap.  Its request, if any, is read and dropped for a
+        second (closing on unread data resets, which can destroy the answer in transit)."""
+        log.info("%s: turned away: %d connections open (--max-connections)", peer, self.served)
+        with trio.move_on_after(TURN_AWAY_TIME):
+            await self._respond(h11.Connection(h11.SERVER), stream, 503,
+                                {"error": "too many connections; try again later"},
+                                [("retry-after", "1")])
+            await linger(stream)
+
+    async def _serve(self, stream: trio.SocketStream, peer: str) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
-            while not self.stopping:
-                event: object = None
-                with trio.CancelScope() as idle:
-                    self._idle.add(idle)
-                    try:
-                        with trio.move_on_after(IDLE_TIMEOUT):
-                            event = await next_event(conn, stream)
-                    finally:
-                        self._idle.discard(idle)
-                if idle.cancelled_caught or not isinstance(event, h11.Request):
-                    return  # idle too long, stopping, or the client closed
-                with trio.move_on_after(REQUEST_TIMEOUT) as late:
-                    await self._exchange(conn, stream, event, peer)
-                if late.cancelled_caught:
-                    log.info("%s %s %s: timed out", peer, event.method.decode(),
-                             event.target.decode(errors="replace"))
-                    return
-                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                    return
-                conn.start_next_cycle()
+            await self._requests(conn, stream, peer)
         except h11.RemoteProtocolError as e:
             log.info("%s: bad HTTP: %s", peer, e)
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 await self._respond(conn, stream, e.error_status_hint, {"error": str(e)})
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away
-        finally:
+        # Not in a `finally`: after a broken stream there is nobody to linger for.
+        if conn.their_state not in (h11.IDLE, h11.DONE, h11.CLOSED, h11.ERROR):
+            await linger(stream)
+
+    async def _requests(self, conn: h11.Connection, stream: trio.SocketStream,
+                        peer: str) -> None:
+        """Answer requests until one leaves the connection unfit for another."""
+        while not self.stopping:
+            request = await self._next_request(conn, stream, peer)
+            if request is None:
+                return  # the client closed, took too long, or the driver stops
+            with trio.move_on_after(REQUEST_TIMEOUT) as late:
+                await self._exchange(conn, stream, request, peer)
+            if late.cancelled_caught:
+                log.info("%s %s %s: timed out", peer, request.method.decode(),
+                         request.target.decode(errors="replace"))
+                return
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+
+    async def _next_request(self, conn: h11.Connection, stream: trio.SocketStream,
+                            peer: str) -> h11.Request | None:
+        """The next request's head, within --idle-timeout of the connection or of the last
+        answer (a slow client holds a connection, so a slot of the cap, no longer); None if
+        the client closed, or did not send a whole head in time, or the driver stops."""
+        event: object = None
+        with trio.CancelScope() as idle:
+            self._idle.add(idle)
+            idle.deadline = trio.current_time() + self.config.idle_timeout
             try:
-                if conn.their_state not in (h11.IDLE, h11.DONE, h11.CLOSED, h11.ERROR):
-                    await linger(stream)
+                event = await next_event(conn, stream)
             finally:
-                await stream.aclose()
+                self._idle.discard(idle)
+        if idle.cancelled_caught:
+            if conn.trailing_data[0] and not self.stopping:  # part of a head: say why
+                log.info("%s: no whole request head in %gs", peer, self.config.idle_timeout)
+                await self._respond(conn, stream, 408, {"error": "the request head took over "
+                                    f"{self.config.idle_timeout:g} seconds"})
+            return None
+        return event if isinstance(event, h11.Request) else None
 
     async def _exchange(self, conn: h11.Connection, stream: trio.SocketStream,
                         request: h11.Request, peer: str) -> None:
@@ -386,7 +487,7 @@ class HttpDriver:
         try:
             status, answer, detail = await self._route(exchange)
         except Refusal as e:
-            status, answer, detail = e.status, {"error": e.reason}, e.reason
+            status, answer, detail = e.status, {"error": e.reason}, e.detail
         except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             raise  # the client's doing: the connection ends
         except Exception:  # a bug costs one request its answer, not the server its life
@@ -396,10 +497,13 @@ class HttpDriver:
         await self._respond(conn, stream, status, answer)
 
     async def _respond(self, conn: h11.Connection, stream: trio.SocketStream, status: int,
-                       answer: dict[str, str]) -> None:
+                       answer: dict[str, str], extra: list[tuple[str, str]] | None = None,
+                       ) -> None:
         body = json.dumps(answer).encode() + b"\n"
         headers = [("content-type", "application/json"), ("content-length", str(len(body))),
-                   ("server", USER_AGENT)]
+                   ("server", USER_AGENT), *(extra or [])]
+        if status == 401:
+            headers.append(("www-authenticate", "Bearer"))  # RFC 9110 11.6.1: a 401 has one
         if status == 405:
             headers.append(("allow", "POST"))
         if self.stopping or conn.their_state is not h11.DONE:
@@ -412,6 +516,10 @@ class HttpDriver:
     # -- routes --
 
     async def _route(self, exchange: Exchange) -> tuple[int, dict[str, str], str]:
+        if "transfer-encoding" in exchange.headers and "content-length" in exchange.headers:
+            # RFC 9112 6.1: two framings of one body is how requests are smuggled past a
+            # proxy that reads the other one; h11 would take the chunks, and no limit.
+            raise Refusal(400, "both Content-Length and Transfer-Encoding (RFC 9112 6.1)")
         parts = exchange.path.split("/")
         inbox = len(parts) == 4 and parts[:2] == ["", "agents"] and parts[3] == "inbox"
         if not inbox and exchange.path != "/plumb":
@@ -422,7 +530,7 @@ class HttpDriver:
 
     async def _inbox(self, exchange: Exchange, agent: str) -> tuple[int, dict[str, str], str]:
         if not AGENT_RE.fullmatch(agent):
-            raise Refusal(404, f"no such agent: {agent}")
+            raise unauthorized(f"no such agent: {agent!r} is not a name")
         npub = await self._authorize(agent, bearer(exchange.headers))
         message = inbox_message(exchange, await exchange.body(MAX_BODY))
         line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
@@ -430,7 +538,8 @@ class HttpDriver:
         return 202, {"id": message["id"]}, f"queued {message['id']} for {agent}"
 
     async def _authorize(self, agent: str, token: str) -> str:
-        """The agent's npub if `token` is its token; re-reads `tokens` when the cache says no."""
+        """The agent's npub if `token` is its token; re-reads `tokens` when the cache says no.
+        Else the one 401 for all reasons; the tree is not asked whether the agent exists."""
         now = trio.current_time()
         fresh = now - self.tokens.loaded < TOKEN_TTL
         npub = self.tokens.check(agent, token) if fresh else None
@@ -442,14 +551,11 @@ class HttpDriver:
             npub = self.tokens.check(agent, token)
         if npub is not None:
             return npub
-        if agent not in self.tokens.hashes and \
-                not await trio.to_thread.run_sync(os.path.exists, self.mp / agent / "inbox"):
-            raise Refusal(404, f"no such agent: {agent}")
         if not token:
-            raise Refusal(401, "missing bearer token")
+            raise unauthorized("missing bearer token")
         if agent not in self.tokens.hashes:
-            raise Refusal(401, f"{agent} has no token")
-        raise Refusal(401, "bad token")
+            raise unauthorized(f"no such agent, or it has no token: {agent}")
+        raise unauthorized("bad token")
 
     async def _plumb(self, exchange: Exchange) -> tuple[int, dict[str, str], str]:
         path = self.config.plumb_token_file
@@ -481,6 +587,14 @@ class HttpDriver:
 
     async def _refusal(self, e: OSError, what: str) -> Refusal:
         return tree_refusal(e, await trio.to_thread.run_sync(os.path.ismount, self.mp), what)
+
+
+def why_broken(e: Exception) -> str:
+    """What broke a stream: the OSError trio wraps (Connection reset by peer, say)."""
+    cause = e.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(e) or type(e).__name__
 
 
 async def linger(stream: trio.SocketStream) -> None:
@@ -617,6 +731,11 @@ class Courier:
             try:
                 status = await trio.to_thread.run_sync(
                     post, url, body, headers, self.config.timeout, abandon_on_cancel=True)
+            except (ValueError, http.client.InvalidURL) as e:
+                # http.client will not write the request: a path that is not ASCII, or has
+                # a blank, a CR in a header.  For ever so; let out, it would end the driver.
+                log.info("refused %s: cannot be sent: %s (url %r)", ident, e, url)
+                return True
             except (OSError, http.client.HTTPException) as e:
                 why = str(e) or type(e).__name__
             else:
@@ -662,6 +781,12 @@ def parse_args(argv: list[str] | None) -> Config:
                     help="the plumb port whose messages are POSTed (default http)")
     ap.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                     help="for each outgoing POST (default 30)")
+    ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+                    help="connections served at once; more are answered 503 "
+                         f"(default {MAX_CONNECTIONS})")
+    ap.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, metavar="SECONDS",
+                    help="for a whole request head, from the connection or the last answer "
+                         f"(default {IDLE_TIMEOUT:g})")
     ap.add_argument("mountpoint", type=Path)
     args = ap.parse_args(argv)
 
@@ -683,18 +808,40 @@ def parse_args(argv: list[str] | None) -> Config:
         allow = frozenset(parse_host(entry) for entry in entries if entry.strip())
     except ValueError as e:
         fail(f"--allow: {e}")
+    if args.max_connections < 1:
+        fail("--max-connections: at least 1")
+    if not args.idle_timeout > 0:
+        fail("--idle-timeout: more than 0 seconds")
     if args.plumb_token_file and not os.access(args.plumb_token_file, os.R_OK):
         fail(f"--plumb-token-file: cannot read {args.plumb_token_file}")
     if not (args.mountpoint / "tokens").exists():
         fail(f"{args.mountpoint}: not a mounted agentfs tree (no tokens file)")
     return Config(args.mountpoint.resolve(), host, 8080 if port is None else port, allow,
-                  args.plumb_token_file, args.plumb_port, args.timeout)
+                  args.plumb_token_file, args.plumb_port, args.timeout, args.max_connections,
+                  args.idle_timeout)
+
+
+def raise_fd_limit(max_connections: int) -> None:
+    """Make room for the sockets the cap allows, served and turned away (as many again), up
+    to the hard limit: a soft limit of 1024 would otherwise be the cap, with accept failing."""
+    wanted = 2 * max_connections + SPARE_FDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if new > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < wanted:
+        log.info("only %d file descriptors (RLIMIT_NOFILE) for --max-connections %d, which "
+                 "wants %d: past them, connections wait to be accepted", new, max_connections,
+                 wanted)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s agentfs-http[%(process)d] %(message)s")
     config = parse_args(argv)
+    raise_fd_limit(config.max_connections)
     try:
         trio.run(HttpDriver(config).run)
     except OSError as e:  # only listening raises outside the nurseries

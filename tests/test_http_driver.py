@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -19,6 +22,8 @@ from typing import Any
 
 import pytest
 from conftest import Mount, script, wait_until, write_once
+
+from drivers.http import UNAUTHORIZED
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 
@@ -51,8 +56,16 @@ class Driver:
         return self.log.read_text()
 
     def wait_log(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
-        return wait_until(lambda: re.search(pattern, self.text()), timeout,
-                          f"driver log to match {pattern!r}")
+        """The first match in the log, once there; fails at once if the driver is gone
+        without it, as it will log no more."""
+
+        def found() -> re.Match[str] | None:
+            exited = self.proc.poll() is not None
+            match = re.search(pattern, self.text())
+            assert match or not exited, f"the driver exited: {self.text()[-4000:]}"
+            return match
+
+        return wait_until(found, timeout, f"driver log to match {pattern!r}")
 
     def stop(self, timeout: float = 8.0) -> int:
         """SIGTERM; the exit status (it may wait up to 1 s on a port read)."""
@@ -112,6 +125,92 @@ def post(url: str, body: str, token: str | None = TOKEN, kind: str = "applicatio
     for header in headers:
         args += ["-H", header]
     return curl(url, *args)
+
+
+# -- raw HTTP, for what curl will not send -----------------------------------------------
+
+
+def connect(d: Driver, timeout: float = 15.0) -> socket.socket:
+    """A TCP connection to the driver; every read on it gives up after `timeout`."""
+    host, _, port = d.url.removeprefix("http://").rpartition(":")
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def port_of(s: socket.socket) -> int:
+    port: int = s.getsockname()[1]
+    return port
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def reset(s: socket.socket) -> None:
+    """Close with a TCP reset, not a FIN: SO_LINGER on, with a timeout of 0."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def read_until_closed(s: socket.socket) -> bytes:
+    """All the driver sends until it closes (a reset ends it too)."""
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def read_answer(s: socket.socket) -> bytes:
+    """One answer: its head, and as much body as its Content-Length says."""
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            found = re.search(rb"(?im)^content-length: *(\d+)", head)
+            if len(body) >= (int(found[1]) if found else 0):
+                return data
+        chunk = s.recv(65536)
+        assert chunk, f"the driver closed after {data!r}"
+        data += chunk
+
+
+def send_quietly(s: socket.socket, data: bytes) -> None:
+    """Send it all, then EOF; the driver may refuse and close before it has read it all."""
+    with contextlib.suppress(OSError):
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+
+
+def exchange(d: Driver, request: bytes) -> bytes:
+    """Send `request` on a new connection (from a thread, so that a large one cannot keep
+    the answer from being read) and read what comes back until the driver closes."""
+    with connect(d) as s:
+        sender = threading.Thread(target=send_quietly, args=(s, request), daemon=True)
+        sender.start()
+        answer = read_until_closed(s)
+        sender.join(15)
+    return answer
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def error_of(answer: bytes) -> str:
+    reason: str = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+    return reason
+
+
+def request(path: str, *headers: str, body: bytes = b"") -> bytes:
+    """An HTTP/1.1 POST: the head with `headers`, and `body` as it is."""
+    head = "".join(f"{h}\r\n" for h in (f"POST {path} HTTP/1.1", "Host: 127.0.0.1", *headers))
+    return head.encode() + b"\r\n" + body
+
+
+def chunked(body: bytes, size: int = 65536) -> bytes:
+    """`body` in the chunked transfer coding."""
+    pieces = [body[i:i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
 
 
 class Target:
@@ -236,10 +335,10 @@ def test_refused_requests_write_nothing(mount: Mount, driver: DriverFactory,
     inbox = f"{d.url}/agents/alice/inbox"
     (tmp_path / "big").write_bytes(b"x" * ((1 << 20) + 1))
     refusals = [
-        (post(inbox, '{"data":"x"}', "wrong-token-0123456789"), 401, "bad token"),
-        (post(inbox, '{"data":"x"}', None), 401, "missing bearer token"),
-        (post(f"{d.url}/agents/notoken/inbox", '{"data":"x"}'), 401, "notoken has no token"),
-        (post(f"{d.url}/agents/nobody/inbox", '{"data":"x"}'), 404, "no such agent: nobody"),
+        (post(inbox, '{"data":"x"}', "wrong-token-0123456789"), 401, UNAUTHORIZED),
+        (post(inbox, '{"data":"x"}', None), 401, UNAUTHORIZED),
+        (post(f"{d.url}/agents/notoken/inbox", '{"data":"x"}'), 401, UNAUTHORIZED),
+        (post(f"{d.url}/agents/nobody/inbox", '{"data":"x"}'), 401, UNAUTHORIZED),
         (post(inbox, '{"data":'), 400, "the body is not JSON"),
         (post(inbox, '["a list"]'), 400, "the body is not a JSON object"),
         (post(inbox, "x", TOKEN, "image/png"), 415, "application/json or text/plain"),
@@ -251,9 +350,8 @@ def test_refused_requests_write_nothing(mount: Mount, driver: DriverFactory,
         (post(inbox, '{"type":"nostr","event":{}}'), 400, "are for the timer and Nostr"),
         (curl(inbox, "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
               "--data-binary", f"@{tmp_path / 'big'}"), 413, "over 1048576 bytes"),
-        (curl(inbox, "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
-              "-H", "Transfer-Encoding: chunked", "--data-binary", "{}"), 411,
-         "Content-Length is required"),
+        (curl(inbox, "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}"), 411,
+         "a Content-Length (or a chunked body) is required"),
         (curl(inbox, "-H", f"Authorization: Bearer {TOKEN}"), 405, "only POST"),
         (post(f"{d.url}/agents/alice/outbox", "{}"), 404, "no such path"),
         (post(f"{d.url}/agents/gone/inbox", '{"data":"x"}', "gone-secret-0123456789"), 403,
@@ -263,7 +361,10 @@ def test_refused_requests_write_nothing(mount: Mount, driver: DriverFactory,
         assert status == want and reason in answer["error"], (status, answer, reason)
     assert mount.inbox("alice") == [] and mount.inbox("gone") == []
     assert mount.inbox("notoken") == []
+    # The answer is one for every reason; the log, the operator's, tells them apart.
     d.wait_log(r"POST /agents/alice/inbox 401 bad token")
+    d.wait_log(r"POST /agents/alice/inbox 401 missing bearer token")
+    d.wait_log(r"POST /agents/nobody/inbox 401 no such agent, or it has no token: nobody")
     assert TOKEN not in d.text()
     # Tokens change in the tree: a new one works at once, and the old one, or a cleared one,
     # stops working within a second (a token found in the cache is trusted that long).
@@ -273,7 +374,8 @@ def test_refused_requests_write_nothing(mount: Mount, driver: DriverFactory,
     write_once(mount.agent("alice") / "ctl", "token none\n")
     time.sleep(1.1)
     status, answer = post(inbox, '{"data":"none"}', "alice-new-secret-0123")
-    assert (status, answer) == (401, {"error": "alice has no token"})
+    assert (status, answer) == (401, {"error": UNAUTHORIZED})
+    d.wait_log(r"POST /agents/alice/inbox 401 no such agent, or it has no token: alice")
     assert [m["data"] for m in mount.inbox("alice")] == ["new"]
 
 
@@ -310,6 +412,159 @@ def test_post_plumb_is_routed_by_the_rules(mount: Mount, driver: DriverFactory,
     assert len(mount.inbox("alice")) == 1
     off = driver(mount)
     assert post(f"{off.url}/plumb", '{"type":"note"}', PLUMB_TOKEN)[0] == 404
+
+
+# -- hostile clients ---------------------------------------------------------------------
+
+
+def test_a_reset_at_any_point_leaves_the_driver_serving(mount: Mount,
+                                                       driver: DriverFactory) -> None:
+    with_token(mount, "alice")
+    d = driver(mount)
+    inbox, auth = "/agents/alice/inbox", f"Authorization: Bearer {TOKEN}"
+    promised = request(inbox, "Content-Type: application/json", "Content-Length: 100")
+    # What is sent before the reset; whether the answer is read first; what the driver logs
+    # of it for sure (a head sent is read even after the reset; a read under way fails).
+    attacks: list[tuple[bytes, bool, str | None]] = [
+        (promised, False, " POST /agents/alice/inbox 401 "),  # as found: no token, a body
+        (promised, True, " POST /agents/alice/inbox 401 "),  # promised, none sent; then read
+        (b"", False, None),  # at once
+        (promised[:25], False, ": connection lost: Connection reset by peer"),  # mid-head
+        (request(inbox, auth, "Content-Length: 100", body=b'{"data":'), False,
+         ": connection lost: Connection reset by peer"),  # mid-body, past the token
+        (request(inbox, auth, "Expect: 100-continue", "Content-Length: 100"), True,
+         ": connection lost: Connection reset by peer"),  # after the 100 Continue
+        (b"NOT HTTP\x00\xff\r\n\r\n", True, ": bad HTTP"),
+        (request(inbox, "Content-Length: 1", "Content-Length: 2"), True, ": bad HTTP"),
+        (request(inbox, "Transfer-Encoding: gzip"), True, ": bad HTTP"),
+    ]
+    idle_fds = open_fds(d.proc.pid)
+    for sent, answered, line in attacks:
+        s = connect(d)
+        port = port_of(s)
+        s.sendall(sent)
+        if answered:
+            assert read_answer(s).startswith(b"HTTP/1.1 ")
+        reset(s)
+        if line:
+            d.wait_log(rf"127\.0\.0\.1:{port}{line}")
+        # Done with it once its socket is closed (or dead: the next connect fails).
+        wait_until(lambda: d.proc.poll() is not None or open_fds(d.proc.pid) <= idle_fds, 15,
+                   f"the driver to close the connection from port {port}")
+    assert post(f"{d.url}{inbox}", '{"data":"after"}')[0] == 202
+    assert d.proc.poll() is None
+    assert [m["data"] for m in mount.inbox("alice")] == ["after"]
+    assert "Traceback" not in d.text()
+
+
+def test_two_framings_or_a_chunked_body_over_the_limit_store_nothing(
+        mount: Mount, driver: DriverFactory) -> None:
+    with_token(mount, "alice")
+    d = driver(mount)
+    inbox, auth = "/agents/alice/inbox", f"Authorization: Bearer {TOKEN}"
+    json_type, te = "Content-Type: application/json", "Transfer-Encoding: chunked"
+    big = chunked(b'{"data":"' + b"x" * (3 << 20) + b'"}')
+    for headers in ([auth, json_type, "Content-Length: 20", te],
+                    [te, "Content-Length: 20", json_type, auth],
+                    [te, "Content-Length: 20"]):  # before the token is looked at
+        answer = exchange(d, request(inbox, *headers, body=big))
+        assert status_of(answer) == 400, answer[:300]
+        assert "both Content-Length and Transfer-Encoding" in error_of(answer)
+        assert re.search(rb"(?im)^connection: close\r$", answer)
+    over = chunked(b'{"data":"' + b"x" * (1 << 20) + b'"}')
+    answer = exchange(d, request(inbox, auth, json_type, te, body=over))
+    assert status_of(answer) == 413 and "over 1048576 bytes" in error_of(answer)
+    assert mount.inbox("alice") == []
+    # Chunked within the limit is a body like any other.
+    answer = exchange(d, request(inbox, auth, json_type, te,
+                                 body=chunked(b'{"data":"in chunks"}', 5)))
+    assert status_of(answer) == 202, answer
+    assert [m["data"] for m in mount.inbox("alice")] == ["in chunks"]
+    assert d.proc.poll() is None
+
+
+def test_connections_past_the_cap_are_answered_503(mount: Mount, driver: DriverFactory) -> None:
+    with_token(mount, "alice")
+    cap = 4
+    d = driver(mount, "--max-connections", str(cap))
+    inbox = "/agents/alice/inbox"
+    idle = [connect(d) for _ in range(cap)]  # accepted in this order, so these are served
+    try:
+        for _ in range(3):
+            with connect(d) as extra:
+                answer = read_until_closed(extra)
+            head = answer.partition(b"\r\n\r\n")[0].lower()
+            assert status_of(answer) == 503 and b"\r\nconnection: close" in head, answer
+            assert b"\r\nretry-after: 1" in head
+            assert error_of(answer) == "too many connections; try again later"
+        assert post(f"{d.url}{inbox}", '{"data":"full"}') == \
+            (503, {"error": "too many connections; try again later"})
+        d.wait_log(rf"turned away: {cap} connections open")
+        # The connections within the cap are served still.
+        idle[0].sendall(request(inbox, f"Authorization: Bearer {TOKEN}",
+                                "Content-Type: application/json", "Content-Length: 15",
+                                body=b'{"data":"kept"}'))
+        assert status_of(read_answer(idle[0])) == 202
+        # Closed (EOF, and the driver's close seen), they make room again.
+        for s in idle:
+            s.shutdown(socket.SHUT_WR)
+            assert read_until_closed(s) == b""
+    finally:
+        for s in idle:
+            s.close()
+    assert post(f"{d.url}{inbox}", '{"data":"after"}')[0] == 202
+    assert [m["data"] for m in mount.inbox("alice")] == ["kept", "after"]
+    assert d.proc.poll() is None
+
+
+def test_a_client_slower_than_the_idle_timeout_is_dropped(mount: Mount,
+                                                         driver: DriverFactory) -> None:
+    with_token(mount, "alice")
+    d = driver(mount, "--idle-timeout", "0.5")
+    inbox = "/agents/alice/inbox"
+    started = time.monotonic()
+    with connect(d) as silent, connect(d) as slow, connect(d) as kept:
+        slow.sendall(b"POST /agents/alice/inbox HTTP/1.1\r\nHost: 127")
+        kept.sendall(request(inbox, f"Authorization: Bearer {TOKEN}", "Content-Length: 12",
+                             body=b'{"data":"k"}'))
+        assert status_of(read_answer(kept)) == 202
+        assert read_until_closed(silent) == b""  # closed, nothing said: nothing was asked
+        answer = read_until_closed(slow)
+        assert status_of(answer) == 408 and "over 0.5 seconds" in error_of(answer)
+        assert read_until_closed(kept) == b""  # kept alive, then idle too long
+    assert time.monotonic() - started < 10
+    d.wait_log(r"no whole request head in 0.5s")
+    assert post(f"{d.url}{inbox}", '{"data":"after"}')[0] == 202
+    assert [m["data"] for m in mount.inbox("alice")] == ["k", "after"]
+
+
+def test_a_401_does_not_tell_which_agents_exist(mount: Mount, driver: DriverFactory,
+                                                tmp_path: Path) -> None:
+    alice = with_token(mount, "alice")
+    mount.new_agent("notoken")
+    with_token(mount, "bob", "bob-secret-0123456789")
+    (tmp_path / "plumb-token").write_text(PLUMB_TOKEN + "\n")
+    d = driver(mount, "--plumb-token-file", str(tmp_path / "plumb-token"))
+    nobody = alice[:-6] + ("qqqqqq" if not alice.endswith("qqqqqq") else "pppppp")
+    agents = ["alice", alice, "notoken", "nobody", nobody, "-not-a-name"]
+    tokens = [None, "wrong-token-0123456789", "bob-secret-0123456789", PLUMB_TOKEN, ""]
+
+    def ask(agent: str, token: str | None) -> bytes:
+        auth = [] if token is None else [f"Authorization: Bearer {token}"]
+        answer = exchange(d, request(f"/agents/{agent}/inbox", *auth,
+                                     "Content-Type: application/json", "Content-Length: 12",
+                                     body=b'{"data":"x"}'))
+        return re.sub(rb"(?im)^date:[^\r\n]*\r\n", b"", answer)
+
+    for token in tokens:
+        answers = {agent: ask(agent, token) for agent in agents}
+        first = answers["nobody"]
+        assert status_of(first) == 401 and error_of(first) == UNAUTHORIZED, first
+        assert re.search(rb"(?im)^www-authenticate: Bearer\r$", first)
+        for agent, answer in answers.items():
+            assert answer == first, (agent, token, answer, first)
+    assert mount.inbox("alice") == [] and mount.inbox("notoken") == []
+    assert ask("bob", "bob-secret-0123456789").startswith(b"HTTP/1.1 202 ")
 
 
 # -- out: the port http, POSTed ----------------------------------------------------------
@@ -367,6 +622,23 @@ def test_messages_that_cannot_be_delivered_are_refused_not_retried(
     d.wait_log(r"refused \S+: no http\(s\) url")
     d.wait_log(r"rejected \S+ by \S+/missing: 404; dropped")
     assert elsewhere.requests == [] and len(t.requests) == 1
+    assert d.stop() == 0
+    assert first_queued(mount)["type"] == "marker"
+
+
+def test_a_message_http_cannot_carry_is_refused_and_the_rest_delivered(
+        mount: Mount, driver: DriverFactory, target: Callable[..., Target]) -> None:
+    t = target()
+    write_once(mount.mp / "plumb" / "rules", RULES)
+    d = driver(mount, "--allow", "127.0.0.1")
+    send_to_url(mount, f"{t.url}/caf\u00e9", "not ASCII")  # http.client: UnicodeEncodeError
+    send_to_url(mount, f"{t.url}/a b", "a blank")  # InvalidURL, which is for ever
+    write_once(mount.mp / "plumb" / "send",  # a header value with a CR: ValueError
+               json.dumps({"dst": f"{t.url}/hook", "type": "a\rb", "data": "cr"}) + "\n")
+    send_to_url(mount, f"{t.url}/hook", "after")
+    d.wait_log(rf"delivered \S+ to {re.escape(t.url)}/hook: 200")
+    assert [body for _, _, body in t.requests] == [b"after"]
+    assert len(re.findall(r"refused \S+: cannot be sent", d.text())) == 3
     assert d.stop() == 0
     assert first_queued(mount)["type"] == "marker"
 
