@@ -39,7 +39,9 @@ say() {
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 venv=${AGENTFS_VENV:-$root/.venv}
 python=${PYTHON:-python3}
-debs=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev jq curl bindfs)
+# Why each is here: mkfs(8). busybox: the tests run timer.sh under its sh; bubblewrap: the
+# tick sandbox (bwrap, once per mount).
+debs=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev jq curl bindfs busybox bubblewrap)
 # The example agent: counts the triggers it answers in state/count and answers each with one
 # line; it lets its lifecycle triggers (create, wake, sleep...) pass.
 # shellcheck disable=SC2016 # expanded by the agent's /bin/sh, not here

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +15,9 @@ from .nostr import cli as nostr_cli
 from .store import AgentStore, default_store_path
 
 DEFAULT_JOBS = max(4, 4 * (os.cpu_count() or 1))
+# What a FUSE mount whose daemon died answers: ECONNABORTED to a request in flight as it
+# went, ENOTCONN to every one after.
+DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 def _read_mnemonic(source: str) -> str:
@@ -47,6 +53,60 @@ def cmd_id(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unescape(field: str) -> str:
+    """A field of /proc/self/mountinfo, which writes space, tab, newline and \\ in octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def mounts_at(path: str) -> list[tuple[str, str]]:
+    """(type, source) of each mount on `path`, in mountinfo's order: the visible one last."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields, _, rest = line.partition(" - ")
+            if _unescape(fields.split()[4]) == path:
+                fstype, source = [*rest.split(), "", ""][:2]
+                found.append((fstype, _unescape(source)))
+    return found
+
+
+def _listing_errno(path: Path) -> int | None:
+    """The errno that reading `path` as a directory fails with, or None.
+
+    A listing asks a FUSE mount's daemon itself, where stat may be answered from the
+    kernel's cache: only the listing tells a dead mount from a live one."""
+    try:
+        with os.scandir(path) as entries:
+            next(entries, None)
+    except OSError as e:
+        return e.errno
+    return None
+
+
+def clear_dead_mounts(mountpoint: Path) -> str | None:
+    """Make `mountpoint` ready to mount on: unmount the FUSE mounts whose daemons died there
+    (kill -9 leaves one), saying so.  Returns why not, if it is a live mount of anything."""
+    path = os.path.realpath(mountpoint)
+    # Each unmount uncovers the mount below: earlier versions stacked live mounts on dead ones.
+    for _ in range(8):
+        mounts = mounts_at(path)
+        if not mounts:
+            return None
+        fstype, source = mounts[-1]
+        if _listing_errno(mountpoint) not in DEAD_MOUNT_ERRNOS:
+            return f"{mountpoint}: already a mount point ({fstype} of {source}); unmount it first"
+        if fstype not in ("fuse", "fuseblk") and not fstype.startswith("fuse."):
+            return f"{mountpoint}: a {fstype} mount there is not connected; unmount it first"
+        done = subprocess.run(["fusermount3", "-uz", path], capture_output=True, text=True,
+                              timeout=60)
+        if done.returncode != 0:
+            return (f"{mountpoint}: a dead mount of {source} is there and fusermount3 -uz "
+                    f"failed: {done.stderr.strip() or f'exit status {done.returncode}'}")
+        print(f"agentfs: {mountpoint}: cleared a dead mount of {source} (its daemon was gone) "
+              "with fusermount3 -uz", file=sys.stderr)
+    return f"{mountpoint}: dead mounts are still there after clearing 8 of them"
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from . import daemon
 
@@ -56,6 +116,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not (store / "data.mdb").exists():
         print(f"agentfs: {store}: no store here (create one with `agentfs init {store}`)",
               file=sys.stderr)
+        return 1
+    # The daemon `spawn` starts (it passes --ready-fd) finds the mount point checked already.
+    if args.ready_fd is None and (problem := clear_dead_mounts(mountpoint)):
+        print(f"agentfs: {problem}", file=sys.stderr)
         return 1
     if not mountpoint.is_dir():
         print(f"agentfs: {mountpoint}: not a directory", file=sys.stderr)
@@ -131,9 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status: int = args.run(args)
     except (ValueError, OSError) as e:
-        print(f"agentfs: {e}", file=sys.stderr)
+        print(f"agentfs: {_describe(e)}", file=sys.stderr)
         return 1
     return status
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, OSError) and e.errno in DEAD_MOUNT_ERRNOS:
+        # Bare, "[Errno 107] Transport endpoint is not connected" says nothing to act on.
+        where = "" if e.filename is None else f"{e.filename}: "
+        return (f"{where}not connected: a FUSE mount there or above it lost its daemon "
+                "(unmount it with fusermount3 -uz)")
+    return str(e)
 
 
 if __name__ == "__main__":

@@ -207,6 +207,11 @@ class Runtime:
         if self.inbox.seen_before(txn, record.index,
                                   nostr_id(message["event"].get("id")) if event
                                   else message.get("id")):
+            # Logged, unlike other duplicates, so that two timer drivers on one mount show.
+            if not event and message.get("type") == "alarm":
+                self.log.append(txn, record.index, {
+                    "time": rfc3339_now(), "event": "alarm", "id": message["id"],
+                    "dropped": "duplicate: fired already (a driver's retry, or a second driver)"})
             return False
         if event:
             message = self.nostr.incoming(txn, record, message)

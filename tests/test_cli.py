@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ from conftest import (
     Mount,
     MountFactory,
     Store,
+    errno_of,
+    init_store,
     pid_alive,
     sh,
     wait_until,
@@ -171,6 +174,59 @@ def test_mount_errors(store: Store, tmp_path: Path) -> None:
         done = agentfs("mount", *args)
         assert done.returncode == 1 and message in done.stderr, args
         assert not os.path.ismount(mp)
+
+
+def mounts_on(path: Path) -> list[str]:
+    """The type of each mount on `path`, from /proc/self/mountinfo (stacked ones too)."""
+    return [line.partition(" - ")[2].split()[0]
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4] == str(path)]
+
+
+def test_mount_clears_the_dead_mount_a_killed_daemon_left(mount: Mount) -> None:
+    npub = mount.new_agent("survivor")
+    mount.kill()
+    # Dead, as kill -9 leaves it (ECONNABORTED while the daemon's last threads go).
+    assert errno_of(lambda: os.listdir(mount.mp)) in (errno.ENOTCONN, errno.ECONNABORTED)
+    # Nothing under the dead mount gets a bare "[Errno 107]".
+    for args in (["mount", "--store", str(mount.store.path), str(mount.mp / "sub")],
+                 ["init", str(mount.mp / "store")]):
+        done = agentfs(*args)
+        assert done.returncode == 1 and "Errno" not in done.stderr, done.stderr
+        assert done.stderr.startswith(f"agentfs: {mount.mp}/") and \
+            "not connected" in done.stderr and "fusermount3 -uz" in done.stderr, done.stderr
+    done = agentfs("mount", "--store", str(mount.store.path), str(mount.mp))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == (f"agentfs: {mount.mp}: cleared a dead mount of {mount.store.path} "
+                           "(its daemon was gone) with fusermount3 -uz\n")
+    mount.pid = int((mount.store.path / "daemon.pid").read_text())
+    assert pid_alive(mount.pid)
+    assert mounts_on(mount.mp) == ["fuse.agentfs"]  # the dead one gone, not stacked under
+    assert sh(f"cat {mount.mp}/survivor/ctl").stdout.splitlines()[0] == f"npub {npub}"
+    mount.new_agent("after")
+
+
+def test_mount_on_a_live_mount_is_refused(mount: Mount, tmp_path: Path) -> None:
+    other = init_store(tmp_path / "other-store")
+    done = agentfs("mount", "--store", str(other.path), str(mount.mp))
+    assert done.returncode == 1
+    assert done.stderr == (f"agentfs: {mount.mp}: already a mount point (fuse.agentfs of "
+                           f"{mount.store.path}); unmount it first\n")
+    assert mounts_on(mount.mp) == ["fuse.agentfs"] and pid_alive(mount.pid)
+    mount.new_agent("still-served")
+    # A live mount of anything else is refused as well, and no daemon starts.
+    plain = tmp_path / "tmpfs"
+    plain.mkdir()
+    sh(f"mount -t tmpfs agentfs-test {plain}")
+    try:
+        done = agentfs("mount", "--store", str(other.path), str(plain))
+        assert done.returncode == 1
+        assert done.stderr == (f"agentfs: {plain}: already a mount point (tmpfs of "
+                               "agentfs-test); unmount it first\n")
+        assert mounts_on(plain) == ["tmpfs"]
+    finally:
+        sh(f"umount {plain}")
+    assert not (other.path / "daemon.pid").exists()
 
 
 @pytest.fixture(scope="session")
