@@ -33,7 +33,7 @@ class MountError(Exception):
     pass
 
 
-OUR_OPTIONS = {"jobs", "sandbox", "uid_base", "tools"}
+OUR_OPTIONS = {"jobs", "sandbox", "uid_base", "tools", "shared"}
 
 
 def fuse_options(store: Path, given: list[str]) -> tuple[set[str], dict[str, str]]:
@@ -59,14 +59,20 @@ def fuse_options(store: Path, given: list[str]) -> tuple[set[str], dict[str, str
                                    1000 <= int(ours["uid_base"]) < 2**32 - sandbox.UID_SPAN):
         raise MountError(f"uid_base={ours['uid_base']}: a uid from 1000 to "
                          f"{2**32 - sandbox.UID_SPAN - 1}")
-    for tool in filter(None, ours.get("tools", "").split(":")):
-        if not os.path.isabs(tool) or not os.path.exists(tool):
-            raise MountError(f"tools: {tool!r} is not an absolute path that exists")
+    for key in ("tools", "shared"):
+        for path in _paths(ours, key):
+            if not os.path.isabs(path) or not os.path.exists(path):
+                raise MountError(f"{key}: {path!r} is not an absolute path that exists")
     if ours.get("sandbox", "on") == "on":
         # Other uids (the agents') must reach the mount at all, and the kernel must check
         # the modes and owners the tree declares.
         options |= {"allow_other", "default_permissions"}
     return options, ours
+
+
+def _paths(ours: dict[str, str], key: str) -> list[str]:
+    """A colon-separated list of paths given as `-o key=A:B`."""
+    return [p for p in ours.get(key, "").split(":") if p]
 
 
 def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
@@ -90,8 +96,9 @@ def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
         return 1
     box = None
     if ours.get("sandbox", "on") == "on":
-        box = sandbox.Sandbox(str(mountpoint), int(ours.get("uid_base", sandbox.DEFAULT_UID_BASE)),
-                              filter(None, ours.get("tools", "").split(":")))
+        box = sandbox.Sandbox(str(mountpoint),
+                              int(ours.get("uid_base", sandbox.DEFAULT_UID_BASE)),
+                              _paths(ours, "tools"), _paths(ours, "shared"))
     runtime = Runtime(store, str(mountpoint), jobs, box)
     ops = AgentFs(runtime)
     try:

@@ -124,10 +124,11 @@ class SandboxedProgram:
 
 class Sandbox:
     def __init__(self, mountpoint: str, uid_base: int = DEFAULT_UID_BASE,
-                 tools: Iterable[str] = ()) -> None:
+                 tools: Iterable[str] = (), shared: Iterable[str] = ()) -> None:
         self.mountpoint = mountpoint
         self.uid_base = uid_base
-        self.tools = [os.path.realpath(t) for t in tools]
+        self.tools = [os.path.realpath(t) for t in tools]  # read-only in every tick
+        self.shared = [os.path.realpath(t) for t in shared]  # read-write in every tick
         self.proxy_listener: socket.socket | None = None
         self._control: socket.socket | None = None  # non-blocking; trio waits on it
         self._spawn: socket.socket | None = None
@@ -153,6 +154,8 @@ class Sandbox:
         argv += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/run"]
         for path in [*self.tools, *detach]:
             argv += ["--ro-bind", path, path]
+        for path in self.shared:
+            argv += ["--bind", path, path]
         # Last: a tool directory that holds the mount point must not cover the mount.
         argv += ["--bind", self.mountpoint, self.mountpoint]
         argv += ["--chdir", "/", "--", sys.executable, "-I", "-m", "agentfs.zygote"]
@@ -165,8 +168,9 @@ class Sandbox:
         control, control_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         spawn, spawn_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         detach = _zygote_paths()
-        pins = [p for p in [*self.tools, self.mountpoint] if _covered(p, ("/tmp",))]
-        config = {"writable": [self.mountpoint, "/tmp", "/dev"], "tmp_pins": pins,
+        pins = [p for p in [*self.tools, *self.shared, self.mountpoint]
+                if _covered(p, ("/tmp",))]
+        config = {"writable": [self.mountpoint, "/tmp", "/dev", *self.shared], "tmp_pins": pins,
                   "tmp_size": TMP_SIZE, "detach": detach}
         control.send(json.dumps(config).encode())
         env = {"PATH": BASE_PATH, "LANG": "C.UTF-8"}

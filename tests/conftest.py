@@ -227,13 +227,14 @@ class Mount:
         return self
 
     def sandbox_args(self) -> list[str]:
-        """Tests keep their agents' programs (and the fifos they wait on) beside the mount
-        point: that directory is a tool directory, visible read-only in the sandbox, and
-        open to the agents' uids.  The sandbox is on, as it is by default."""
-        if any("tools=" in arg or "sandbox=off" in arg for arg in self.extra_args):
+        """Tests keep their agents' programs, the fifos they wait on and what they report
+        beside the mount point: that directory is shared with every tick (read-write), the
+        test harness's one channel into the sandbox, which is on, as it is by default."""
+        if any(word in arg for arg in self.extra_args
+               for word in ("tools=", "shared=", "sandbox=off")):
             return []
-        self.mp.parent.chmod(0o755)
-        return ["-o", f"tools={self.mp.parent}"]
+        self.mp.parent.chmod(0o777)
+        return ["-o", f"shared={self.mp.parent}"]
 
     def stop(self) -> None:
         """Unmount (lazily, so it works even with a dead daemon) and see the daemon gone."""
