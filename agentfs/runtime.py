@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import trio
 
-from . import budget, errors, lifecycle, state
+from . import budget, caps, errors, lifecycle, state
 from .alarms import Alarm, Alarms
 from .committer import CommitQueue
 from .ctl import OWNER_VERBS, TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_program
@@ -113,6 +113,7 @@ class Runtime:
                                      else record.idle)),
             ("alarm", alarm.describe() if (alarm := Alarm.decode(record.alarm)) else "-"),
             ("token", "set" if record.token else "-"),
+            *caps.shown(record),
         ]
         if record.status == "failed" and record.hook_error:
             lines.append(("error", record.hook_error))
@@ -241,11 +242,16 @@ class Runtime:
                 record = AgentRecord(index, pub.hex(), new.name, new.program,
                                      created=rfc3339_now())
                 lifecycle.create(record)
+                for grant in new.grants:
+                    caps.apply(record, grant)
                 self.store.add_agent(txn, record)
                 indexes.append(index)
                 self.log.append(txn, index, {
                     "time": record.created, "event": "create", "name": new.name,
                     "program": quote_program(new.program)})
+                for grant in new.grants:
+                    self.log.append(txn, index, {"time": record.created, "event": "ctl",
+                                                 "command": caps.describe(grant)})
                 created.append(npub_encode(pub))
             return created
 
@@ -307,10 +313,13 @@ class Runtime:
             record.idle = float(command.args[0])
         elif verb == "token":
             record.token = command.args[0] or None
+        elif verb in caps.VERBS:
+            caps.apply(record, command)
 
     async def _tick_ctl(self, tick: RunningTick, commands: list[Command]) -> None:
         charges = dict(tick.overlay.charges)
         for command in commands:
+            caps.refuse_in_tick(command)
             if command.verb in OWNER_VERBS:
                 raise errors.invalid(f"ctl: {command.verb} is set from outside the agent")
             if command.verb in ("charge", "spend"):
@@ -345,6 +354,8 @@ class Runtime:
         """EDQUOT if what the tick charged, with what the day already used, passes the limit."""
         with self.store.read() as txn:
             record = self.store.require_agent(txn, tick.index)
+        if key == "used_daily_spend_sats":
+            caps.require_spend(record)  # read now: a revoke counts from the next spend
         budget.roll_day(record)
         limit_key = key.replace("used_", "max_")
         used = int(record.usage.get(key, 0))
@@ -560,6 +571,8 @@ async def _nothing(name: str) -> None:
 
 
 def _describe(command: Command) -> str:
+    if command.verb in caps.VERBS:
+        return caps.describe(command)
     if command.verb == "token":
         return "token set" if command.args[0] else "token none"
     if command.verb == "alarm":

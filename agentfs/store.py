@@ -94,6 +94,7 @@ class AgentRecord:
     idle: float | None = None  # seconds idle before it hibernates (None: the default)
     alarm: dict[str, Any] | None = None  # see alarms.Alarm
     token: str | None = None  # SHA-256 (hex) of the bearer token the HTTP driver checks
+    caps: dict[str, list[str]] = field(default_factory=dict)  # granted: see caps.py
 
     @property
     def awake(self) -> bool:
