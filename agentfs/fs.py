@@ -401,6 +401,8 @@ class AgentFs(pyfuse3.Operations):
         if writing and node.kind is Kind.BUDGET and tick is not None:
             await self._refuse(node, "open budget for writing",
                                "budget: an agent cannot change its own limits")
+        if node.kind is Kind.SECRETS:
+            await self._refuse_ticks_secrets(ctx)
         if node.kind is Kind.STATE and self.runtime.state_read(node.index, tick, node.path) is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if node.kind is Kind.STATE and writing and flags & os.O_TRUNC:  # atomic_o_trunc is on
@@ -410,6 +412,14 @@ class AgentFs(pyfuse3.Operations):
             flags |= TRUNCATED
         fh = self._new_fh(Handle(node, tick, flags))
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    async def _refuse_ticks_secrets(self, ctx: pyfuse3.RequestContext) -> None:
+        """No tick opens `secrets`, even to read its names: they are the owner's."""
+        caller = self.runtime.engine.tick_of_caller(ctx.pid)
+        if caller is not None:
+            await self._refuse(Node(Kind.AGENT, caller.index), "open secrets",
+                               "secrets: the owner's; a tick's requests get them through the "
+                               "egress proxy")
 
     async def _refuse(self, node: Node, what: str, why: str) -> None:
         async with self._refusals(node, what):
@@ -489,6 +499,8 @@ class AgentFs(pyfuse3.Operations):
             return self.runtime.alarms_text()
         if node.kind is Kind.TOKENS:
             return self.runtime.tokens_text()
+        if node.kind is Kind.SECRETS:
+            return self.runtime.secrets.text()
         return self.runtime.inbox_text(node.index, tick)
 
     def _read_journal(self, node: Node, tick: RunningTick | None, off: int, size: int) -> bytes:
@@ -531,6 +543,8 @@ class AgentFs(pyfuse3.Operations):
                 handle.partial = bytearray(text)
             elif kind is Kind.PLUMB_SEND:
                 await runtime.plumbing.send(buf)
+            elif kind is Kind.SECRETS:
+                await runtime.secrets.write(buf)
             elif kind is Kind.PORT:
                 await runtime.plumbing.ack(node.path, buf, fh)
             elif kind in (Kind.INBOX, Kind.OUTBOX):

@@ -18,6 +18,7 @@ from . import budget, caps, errors, lifecycle, state
 from .alarms import Alarm, Alarms
 from .committer import CommitQueue
 from .ctl import OWNER_VERBS, TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_program
+from .factotum import Factotum
 from .identity import agent_private_key, npub_decode, npub_encode, public_key
 from .inbox import Inbox, Message, check_agent_id, parse_lines, rfc3339_now, stamp_id
 from .journal import Journal, encode_line
@@ -42,6 +43,7 @@ class Runtime:
         self.engine = TickEngine(self, mountpoint, jobs)
         self.plumbing = Plumbing(self)
         self.nostr = NostrBridge(self)
+        self.secrets = Factotum(store, self.committer)
         self._locks: dict[int, trio.Lock] = {}
         # Files made empty by create or O_TRUNC, not yet committed: see `state_empty`.
         self._unwritten: dict[int, dict[str, state.Entry]] = {}

@@ -154,3 +154,19 @@ else echo no >> "$1/spent"; fi
     assert [r["errno"] for r in refused] == ["EACCES", "EACCES"]
     assert "grant spend" in str(refused[0]["error"])
 
+
+def test_ticks_may_not_open_the_secrets_file(shared: Mount, tmp_path: Path) -> None:
+    write_once(shared.mp / "secrets", "api sk-not-for-ticks host=api.example.com\n")
+    program = script(tmp_path, "peek.sh", READ_TRIGGER + f"""
+if cat {shared.mp}/secrets > "$1/read" 2>/dev/null; then echo read >> "$1/results"
+else echo refused >> "$1/results"; fi
+if echo 'api stolen host=evil.example' > {shared.mp}/secrets; then echo wrote >> "$1/results"
+else echo refused >> "$1/results"; fi
+""")
+    shared.new_agent("peeker", program, str(tmp_path))
+    write_once(shared.agent("peeker") / "inbox", "go\n")
+    shared.wait_ticks("peeker", 2)
+    assert (tmp_path / "results").read_text() == "refused\nrefused\n"
+    assert (shared.mp / "secrets").read_text() == "api host=api.example.com\n"
+    refused = [r for r in shared.log("peeker") if r["event"] == "refused"]
+    assert [r["errno"] for r in refused] == ["EACCES", "EACCES"]

@@ -25,7 +25,7 @@ from conftest import (
 
 from agentfs.identity import agent_private_key, npub_encode, nsec_encode, public_key
 
-ROOT_FILES = ["alarms", "ctl", "nostr", "plumb", "tokens"]
+ROOT_FILES = ["alarms", "ctl", "nostr", "plumb", "secrets", "tokens"]
 AGENT_FILES = ["budget", "ctl", "inbox", "log", "outbox", "state"]
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -49,7 +49,9 @@ def test_layout(mount: Mount) -> None:
     # For drivers: anyone may read the due alarms; the token hashes are the owner's.
     assert stat.S_IMODE(os.stat(mp / "alarms").st_mode) == 0o444
     assert stat.S_IMODE(os.stat(mp / "tokens").st_mode) == 0o400
+    assert stat.S_IMODE(os.stat(mp / "secrets").st_mode) == 0o600  # lists names, no values
     assert (mp / "alarms").read_text() == (mp / "tokens").read_text() == ""
+    assert (mp / "secrets").read_text() == ""
     alice = mount.new_agent("alice")
     bob = mount.new_agent("bob", "/bin/cat")
     assert alice == expected_npub(mount.store, 0)
