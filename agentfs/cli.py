@@ -48,7 +48,7 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from . import daemon
+    from . import daemon, egress
 
     store = Path(args.store) if args.store else default_store_path()
     mountpoint = Path(args.mountpoint)
@@ -61,10 +61,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         print(f"agentfs: {mountpoint}: not a directory", file=sys.stderr)
         return 1
     try:
-        daemon.fuse_options(store, options)
+        _fuse, ours = daemon.fuse_options(store, options)
     except daemon.MountError as e:
         print(f"agentfs: {e}", file=sys.stderr)
         return 1
+    if "proxy_ca" in ours:
+        egress.check_ca(ours["proxy_ca"])  # here, where the error can be told
     if args.foreground:
         return daemon.serve(store, mountpoint, options, args.jobs, args.ready_fd)
     return daemon.spawn(store, mountpoint, options, args.jobs)

@@ -44,7 +44,7 @@ def fuse_options(store: Path, given: list[str]) -> tuple[set[str], dict[str, str
             continue
         if key in PASSED_OPTIONS:
             options.add(word)
-        elif key == "jobs":
+        elif key in ("jobs", "proxy_ca"):
             ours[key] = value
         else:
             raise MountError(f"unknown mount option {word!r}")
@@ -70,7 +70,7 @@ def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
     except Exception as e:  # noqa: BLE001 - every failure to start is reported the same way
         _report(ready_fd, f"agentfs: {e}")
         return 1
-    runtime = Runtime(store, str(mountpoint), jobs)
+    runtime = Runtime(store, str(mountpoint), jobs, proxy_ca=ours.get("proxy_ca"))
     ops = AgentFs(runtime)
     try:
         pyfuse3.init(ops, str(mountpoint), fuse_opts)

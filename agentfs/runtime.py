@@ -18,6 +18,7 @@ from . import budget, caps, errors, lifecycle, state
 from .alarms import Alarm, Alarms
 from .committer import CommitQueue
 from .ctl import OWNER_VERBS, TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_program
+from .egress import Egress
 from .factotum import Factotum
 from .identity import agent_private_key, npub_decode, npub_encode, public_key
 from .inbox import Inbox, Message, check_agent_id, parse_lines, rfc3339_now, stamp_id
@@ -33,7 +34,8 @@ MAX_HOPS = 16  # agents a message may pass through, each answering the last
 
 
 class Runtime:
-    def __init__(self, store: AgentStore, mountpoint: str, jobs: int = 8) -> None:
+    def __init__(self, store: AgentStore, mountpoint: str, jobs: int = 8,
+                 proxy_ca: str | None = None) -> None:
         self.store = store
         self.inbox = Inbox(store)
         self.outbox = Journal(store, "outbox")
@@ -44,6 +46,7 @@ class Runtime:
         self.plumbing = Plumbing(self)
         self.nostr = NostrBridge(self)
         self.secrets = Factotum(store, self.committer)
+        self.egress = Egress(self, proxy_ca)
         self._locks: dict[int, trio.Lock] = {}
         # Files made empty by create or O_TRUNC, not yet committed: see `state_empty`.
         self._unwritten: dict[int, dict[str, state.Entry]] = {}
@@ -54,6 +57,7 @@ class Runtime:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.committer.run)
             await nursery.start(self.engine.run)
+            await nursery.start(self.egress.run)
             task_status.started()
 
     @asynccontextmanager

@@ -421,6 +421,7 @@ class TickEngine:
         env["AGENT"] = tick.npub
         env["AGENT_NAME"] = tick.record.name or ""
         env["AGENT_DIR"] = os.path.join(self.mountpoint, ".tick", tick.npub)
+        env.update(self.runtime.egress.environment(tick))
         return env
 
     async def _run_program(self, tick: RunningTick) -> Outcome:
