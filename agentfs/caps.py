@@ -26,9 +26,9 @@ if TYPE_CHECKING:  # ctl parses with this module: only the types go the other wa
     from .store import AgentRecord
 
 VERBS = ("grant", "revoke")
-SECRET_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
-_PLAIN_RE = re.compile(r"^[A-Za-z0-9_@%+=:,./\[\]-]+$")
-_LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+SECRET_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+_PLAIN_RE = re.compile(r"[A-Za-z0-9_@%+=:,./\[\]-]+")
+_LABEL_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 MAX_PATH = 4096
 MAX_VALUES = 64  # values of one kind an agent may hold: the record stays small
 GRANTED = "granted"  # the one value of a kind that takes no argument (`spend`)
@@ -51,10 +51,6 @@ class Endpoint:
     def allows(self, host: str, port: int) -> bool:
         return self.host == host and (port == self.port if self.port is not None
                                       else port in DEFAULT_PORTS)
-
-    @property
-    def is_address(self) -> bool:
-        return is_address(self.host)
 
 
 def is_address(host: str) -> bool:
@@ -79,7 +75,7 @@ def normal_host(text: str) -> str:
         pass
     host = host.removesuffix(".")
     labels = host.split(".")
-    if not host or len(host) > 253 or not all(_LABEL_RE.match(label) for label in labels) \
+    if not host or len(host) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels) \
             or labels[-1].isdigit():
         raise errors.invalid(
             f"host {text[:80]!r}: not a host name (ASCII letters, digits, '-' and '.'; "
@@ -114,7 +110,7 @@ def _net(values: list[str]) -> list[str]:
 
 def _secret(values: list[str]) -> list[str]:
     for name in values:
-        if not SECRET_NAME_RE.match(name):
+        if not SECRET_NAME_RE.fullmatch(name):
             raise errors.invalid(f"{name[:80]!r}: a NAME is 1-64 of A-Z a-z 0-9 . _ -,"
                                  " not starting with '.' or '-'")
     return values
@@ -193,7 +189,7 @@ def apply(record: AgentRecord, command: Command) -> None:
 def _quoted(value: str) -> str:
     """A value as ctl would take it again: quoted only if the shell would need it
     (a path with a space, say); hosts and `[::1]` stay as they are."""
-    return value if _PLAIN_RE.match(value) else shlex.quote(value)
+    return value if _PLAIN_RE.fullmatch(value) else shlex.quote(value)
 
 
 def describe(command: Command) -> str:

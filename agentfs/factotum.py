@@ -33,8 +33,8 @@ from .store import AgentStore, Txn, scan_prefix
 INFO = b"agentfs secrets v1"
 MAX_VALUE = 4096
 MAX_SECRETS = 1024
-VALUE_RE = re.compile(r"^[\x21-\x7e]{1,4096}$")  # 4096: MAX_VALUE
-HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+VALUE_RE = re.compile(r"[\x21-\x7e]{1,4096}")  # 4096: MAX_VALUE
+HEADER_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 # Headers that frame the request or talk to the proxy: a secret may not be one of them.
 FRAMING_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive",
                    "proxy-authorization", "proxy-connection", "te", "trailer", "upgrade",
@@ -102,16 +102,16 @@ def parse(data: bytes) -> list[Change]:
 def _line(number: int, words: list[str]) -> Change:
     where = f"secrets line {number}"
     if words[0] == "delete" and len(words) == 2:
-        if not SECRET_NAME_RE.match(words[1]):
+        if not SECRET_NAME_RE.fullmatch(words[1]):
             raise errors.invalid(f"{where}: delete NAME: not a secret name")
         return Change(words[1], None)
     name = words[0]
-    if not SECRET_NAME_RE.match(name) or name == "delete":
+    if not SECRET_NAME_RE.fullmatch(name) or name == "delete":
         raise errors.invalid(f"{where}: a NAME is 1-64 of A-Z a-z 0-9 . _ -, not starting "
                              "with '.' or '-', and not 'delete'")
     if len(words) < 3:
         raise errors.invalid(f"{where}: usage: NAME VALUE host=HOST [header=HEADER]")
-    if not VALUE_RE.match(words[1]):
+    if not VALUE_RE.fullmatch(words[1]):
         # The value is not echoed: it is a secret, even when it is malformed.
         raise errors.invalid(f"{where}: a VALUE is 1-{MAX_VALUE} printable ASCII "
                              "characters without spaces")
@@ -129,7 +129,7 @@ def _line(number: int, words: list[str]) -> Change:
     except errors.FsError:
         raise errors.invalid(f"{where}: host=: not a host name or IP address") from None
     header = fields.get("header")
-    if header is not None and (not HEADER_RE.match(header) or
+    if header is not None and (not HEADER_RE.fullmatch(header) or
                                header.lower() in FRAMING_HEADERS):
         raise errors.invalid(f"{where}: header=: not a header name, or one that frames the "
                              "request (Host, Content-Length, Connection...)")

@@ -520,7 +520,8 @@ def test_known_bad_lines_are_einval_and_logged(shared: Mount) -> None:
                  "name a b", "name .x", "name npub1x", "name ctl", "wake\nfrobnicate",
                  "sleep now", "recover x", "terminate please", "checkpoint", "charge api 1",
                  "spend 3 memo", "charge api", "charge cpu 1", "spend 0", "program",
-                 "program 'unclosed", "name 'a", "\xff"]
+                 "program 'unclosed", "name 'a", "grant", "grant nets x", "grant net",
+                 "grant net a..b", "grant tool rel", "grant spend now", "revoke", "\xff"]
     budget_cases = ["max_tick_duration", "max_tick_duration 0", "max_tick_duration 5y",
                     "max_tick_duration -1s", "max_daily_compute 1 h", "max_storage_bytes 1.5",
                     "max_storage_bytes 10XB", "max_storage_bytes 0.5B",
