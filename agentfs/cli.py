@@ -108,7 +108,7 @@ def clear_dead_mounts(mountpoint: Path) -> str | None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from . import daemon
+    from . import daemon, egress
 
     store = Path(args.store) if args.store else default_store_path()
     mountpoint = Path(args.mountpoint)
@@ -125,10 +125,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         print(f"agentfs: {mountpoint}: not a directory", file=sys.stderr)
         return 1
     try:
-        daemon.fuse_options(store, options)
+        _fuse, ours = daemon.fuse_options(store, options)
     except daemon.MountError as e:
         print(f"agentfs: {e}", file=sys.stderr)
         return 1
+    if "proxy_ca" in ours:
+        egress.check_ca(ours["proxy_ca"])  # here, where the error can be told
     if args.foreground:
         return daemon.serve(store, mountpoint, options, args.jobs, args.ready_fd)
     return daemon.spawn(store, mountpoint, options, args.jobs)

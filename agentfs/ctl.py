@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from . import alarms, errors
+from . import alarms, caps, errors
 from .units import parse_duration
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
@@ -41,10 +41,11 @@ class Command:
 class NewAgent:
     name: str
     program: list[str] | None
+    grants: list[Command] = field(default_factory=list)  # `grant` lines after its `new`
 
 
 AGENT_VERBS = {"wake", "program", "name", "sleep", "terminate", "recover", "retries",
-               "checkpoint", "charge", "spend", "alarm", "idle", "token"}
+               "checkpoint", "charge", "spend", "alarm", "idle", "token", *caps.VERBS}
 # Verbs only a running tick may write, through its own AGENT_DIR/ctl.
 TICK_VERBS = {"checkpoint", "charge", "spend"}
 # Verbs only written from outside the agent: its owner's settings.
@@ -122,6 +123,8 @@ def parse_agent_ctl(data: bytes) -> list[Command]:
             else:
                 raise errors.invalid("ctl: usage: token SECRET (16-256 printable ASCII "
                                      "characters, no spaces) | token none")
+        elif verb in caps.VERBS:
+            commands.append(Command(verb, caps.parse(verb, _words(rest, verb))))
         elif verb == "spend":
             sats, _, memo = rest.partition(" ")
             commands.append(Command(verb, (str(_positive(sats, "spend")),), text=memo.strip()))
@@ -133,14 +136,18 @@ def parse_agent_ctl(data: bytes) -> list[Command]:
 
 
 def parse_root_ctl(data: bytes) -> list[NewAgent]:
-    agents = []
+    agents: list[NewAgent] = []
     lines = _lines(data, "ctl")
     if not lines:
         raise errors.invalid("ctl: empty command")
     for line in lines:
         words = _words(line, "ctl")
+        if words[0] == "grant" and agents:  # gives the agent of the `new` above it
+            agents[-1].grants.append(Command("grant", caps.parse("grant", words[1:])))
+            continue
         if words[0] != "new":
-            raise errors.invalid(f"ctl: unknown command {words[0]!r} (known: new)")
+            raise errors.invalid(f"ctl: unknown command {words[0]!r} (known: new, and "
+                                 "grant after a new)")
         if len(words) < 2:
             raise errors.invalid("ctl: usage: new NAME [PROGRAM ARG...]")
         agents.append(NewAgent(check_name(words[1]), words[2:] or None))

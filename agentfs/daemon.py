@@ -33,7 +33,7 @@ class MountError(Exception):
     pass
 
 
-OUR_OPTIONS = {"jobs", "sandbox", "uid_base", "tools", "shared"}
+OUR_OPTIONS = {"jobs", "sandbox", "uid_base", "tools", "shared", "proxy_ca"}
 
 
 def fuse_options(store: Path, given: list[str]) -> tuple[set[str], dict[str, str]]:
@@ -99,7 +99,7 @@ def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
         box = sandbox.Sandbox(str(mountpoint),
                               int(ours.get("uid_base", sandbox.DEFAULT_UID_BASE)),
                               _paths(ours, "tools"), _paths(ours, "shared"))
-    runtime = Runtime(store, str(mountpoint), jobs, box)
+    runtime = Runtime(store, str(mountpoint), jobs, box, proxy_ca=ours.get("proxy_ca"))
     ops = AgentFs(runtime)
     try:
         pyfuse3.init(ops, str(mountpoint), fuse_opts)

@@ -21,6 +21,11 @@ def no_such_file(what: str) -> FsError:
     return FsError(errno.ENOENT, f"{what}: no such file or directory")
 
 
+def not_held(why: str) -> FsError:
+    """ENOENT for a thing that is not there, said in a sentence of its own."""
+    return FsError(errno.ENOENT, why)
+
+
 def exists(what: str) -> FsError:
     return FsError(errno.EEXIST, f"{what}: already exists")
 

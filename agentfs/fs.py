@@ -148,6 +148,9 @@ class AgentFs(pyfuse3.Operations):
             refusal = errors.denied(f"{what}: .tick/ is only for the agent's running tick")
         elif caller is not None and node.kind is Kind.TOKENS:
             refusal = errors.denied(f"{what}: no agent reads the tokens' hashes")
+        elif caller is not None and node.kind is Kind.SECRETS:
+            refusal = errors.denied(f"{what}: secrets are the owner's; a tick's requests get "
+                                    "them through the egress proxy")
         elif caller is not None and node.index >= 0 and node.index != caller.index:
             refusal = errors.denied(f"{what}: a tick may not touch another agent's files")
         elif caller is not None and write:
@@ -501,6 +504,8 @@ class AgentFs(pyfuse3.Operations):
             return self.runtime.alarms_text()
         if node.kind is Kind.TOKENS:
             return self.runtime.tokens_text()
+        if node.kind is Kind.SECRETS:
+            return self.runtime.secrets.text()
         return self.runtime.inbox_text(node.index, tick)
 
     def _read_journal(self, node: Node, tick: RunningTick | None, off: int, size: int) -> bytes:
@@ -543,6 +548,8 @@ class AgentFs(pyfuse3.Operations):
                 handle.partial = bytearray(text)
             elif kind is Kind.PLUMB_SEND:
                 await runtime.plumbing.send(buf)
+            elif kind is Kind.SECRETS:
+                await runtime.secrets.write(buf)
             elif kind is Kind.PORT:
                 await runtime.plumbing.ack(node.path, buf, fh)
             elif kind in (Kind.INBOX, Kind.OUTBOX):

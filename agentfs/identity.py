@@ -17,6 +17,7 @@ from mnemonic import Mnemonic
 __all__ = [
     "Identity",
     "agent_private_key",
+    "bip39_seed",
     "derive_private_key",
     "generate_mnemonic",
     "normalize_mnemonic",
@@ -89,6 +90,12 @@ def _coin_type_node(mnemonic: str) -> Any:
     master = BIP32.from_seed(Mnemonic.to_seed(phrase, passphrase=""))
     # Round-trip through the xpriv so the node keeps correct depth/fingerprint metadata.
     return BIP32.from_xpriv(master.get_xpriv_from_path(_COIN_TYPE_PATH))
+
+
+def bip39_seed(mnemonic: str) -> bytes:
+    """The 64-byte BIP-39 seed of `mnemonic` (empty passphrase): every key of a store
+    derives from it."""
+    return Mnemonic.to_seed(normalize_mnemonic(mnemonic), passphrase="")
 
 
 def derive_private_key(mnemonic: str, account: int) -> bytes:

@@ -14,10 +14,12 @@ from typing import TypeVar
 
 import trio
 
-from . import budget, errors, lifecycle, state
+from . import budget, caps, errors, lifecycle, state
 from .alarms import Alarm, Alarms
 from .committer import CommitQueue
 from .ctl import OWNER_VERBS, TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_program
+from .egress import Egress
+from .factotum import Factotum
 from .identity import agent_private_key, npub_decode, npub_encode, public_key
 from .inbox import Inbox, Message, check_agent_id, parse_lines, rfc3339_now, stamp_id
 from .journal import Journal, encode_line
@@ -34,7 +36,7 @@ MAX_HOPS = 16  # agents a message may pass through, each answering the last
 
 class Runtime:
     def __init__(self, store: AgentStore, mountpoint: str, jobs: int = 8,
-                 sandbox: Sandbox | None = None) -> None:
+                 sandbox: Sandbox | None = None, proxy_ca: str | None = None) -> None:
         self.store = store
         # None: ticks run unconfined (-o sandbox=off), which ctl and the log say.
         self.sandbox = sandbox
@@ -46,6 +48,8 @@ class Runtime:
         self.engine = TickEngine(self, mountpoint, jobs)
         self.plumbing = Plumbing(self)
         self.nostr = NostrBridge(self)
+        self.secrets = Factotum(store, self.committer)
+        self.egress = Egress(self, proxy_ca)
         self._locks: dict[int, trio.Lock] = {}
         # Files made empty by create or O_TRUNC, not yet committed: see `state_empty`.
         self._unwritten: dict[int, dict[str, state.Entry]] = {}
@@ -57,7 +61,10 @@ class Runtime:
             await nursery.start(self.committer.run)
             await nursery.start(self.engine.run)
             if self.sandbox is not None:
+                # The proxy serves inside the sandbox's network namespace, once it is up.
                 nursery.start_soon(self.engine.run_sandbox, self.sandbox)
+            else:
+                await nursery.start(self.egress.run)
             task_status.started()
 
     @asynccontextmanager
@@ -119,6 +126,7 @@ class Runtime:
                                      else record.idle)),
             ("alarm", alarm.describe() if (alarm := Alarm.decode(record.alarm)) else "-"),
             ("token", "set" if record.token else "-"),
+            *caps.shown(record),
         ]
         if record.status == "failed" and record.hook_error:
             lines.append(("error", record.hook_error))
@@ -252,11 +260,16 @@ class Runtime:
                 record = AgentRecord(index, pub.hex(), new.name, new.program,
                                      created=rfc3339_now())
                 lifecycle.create(record)
+                for grant in new.grants:
+                    caps.apply(record, grant)
                 self.store.add_agent(txn, record)
                 indexes.append(index)
                 self.log.append(txn, index, {
                     "time": record.created, "event": "create", "name": new.name,
                     "program": quote_program(new.program)})
+                for grant in new.grants:
+                    self.log.append(txn, index, {"time": record.created, "event": "ctl",
+                                                 "command": caps.describe(grant)})
                 created.append(npub_encode(pub))
             return created
 
@@ -318,10 +331,13 @@ class Runtime:
             record.idle = float(command.args[0])
         elif verb == "token":
             record.token = command.args[0] or None
+        elif verb in caps.VERBS:
+            caps.apply(record, command)
 
     async def _tick_ctl(self, tick: RunningTick, commands: list[Command]) -> None:
         charges = dict(tick.overlay.charges)
         for command in commands:
+            caps.refuse_in_tick(command)
             if command.verb in OWNER_VERBS:
                 raise errors.invalid(f"ctl: {command.verb} is set from outside the agent")
             if command.verb in ("charge", "spend"):
@@ -356,6 +372,8 @@ class Runtime:
         """EDQUOT if what the tick charged, with what the day already used, passes the limit."""
         with self.store.read() as txn:
             record = self.store.require_agent(txn, tick.index)
+        if key == "used_daily_spend_sats":
+            caps.require_spend(record)  # read now: a revoke counts from the next spend
         budget.roll_day(record)
         limit_key = key.replace("used_", "max_")
         used = int(record.usage.get(key, 0))
@@ -571,6 +589,8 @@ async def _nothing(name: str) -> None:
 
 
 def _describe(command: Command) -> str:
+    if command.verb in caps.VERBS:
+        return caps.describe(command)
     if command.verb == "token":
         return "token set" if command.args[0] else "token none"
     if command.verb == "alarm":

@@ -16,6 +16,7 @@ Layout (named databases; an agent is its 4-byte big-endian creation index `ix`):
     awake     ix -> b"": agents the daemon must keep an eye on after a restart (creating,
               active, or with a lifecycle trigger to run); kept by `put_agent`
     tokens    ix -> b"": agents with a bearer token (the root file `tokens`); by `put_agent`
+    secrets   name -> the root file `secrets`' entry, its value sealed (see factotum.py)
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ STORE_VERSION = 2  # 2: lifecycle hooks, the awake index, alarms
 # How far the Nostr driver has read (unix seconds): from the store's birth at first.
 NOSTR_SINCE_KEY = b"nostr-since"
 DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters",
-            "seen", "ports", "alarms", "awake", "tokens")
+            "seen", "ports", "alarms", "awake", "tokens", "secrets")
 
 # Address space only: LMDB grows the file as pages are written, not to the map size.
 DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
@@ -94,6 +95,7 @@ class AgentRecord:
     idle: float | None = None  # seconds idle before it hibernates (None: the default)
     alarm: dict[str, Any] | None = None  # see alarms.Alarm
     token: str | None = None  # SHA-256 (hex) of the bearer token the HTTP driver checks
+    caps: dict[str, list[str]] = field(default_factory=dict)  # granted: see caps.py
 
     @property
     def awake(self) -> bool:

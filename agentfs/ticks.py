@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 import trio
 
 from . import budget, errors, lifecycle
+from .confine import PROXY_PORT
 from .inbox import Message, rfc3339_now
 from .overlay import TickOverlay
 from .plumbing import Delivered
@@ -243,6 +244,10 @@ class TickEngine:
         ticks (they fail with that reason, in their log and ctl)."""
         def ready() -> None:
             log.info("sandbox: ready; agent n runs as uid %d+n", box.uid_base)
+            assert box.proxy_listener is not None and self._nursery is not None
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(box.proxy_listener))
+            self.runtime.egress.port = PROXY_PORT  # before the first tick's environment
+            self._nursery.start_soon(self.runtime.egress.serve, [listener])
             self.sandbox_up.set()
 
         try:
@@ -462,6 +467,7 @@ class TickEngine:
             "AGENT": tick.npub,
             "AGENT_NAME": tick.record.name or "",
             "AGENT_DIR": os.path.join(self.mountpoint, ".tick", tick.npub),
+            **self.runtime.egress.environment(tick),
         })
 
     async def _start(self, tick: RunningTick, argv: list[str],

@@ -14,6 +14,7 @@ class Kind(enum.Enum):
     ROOT_CTL = "root ctl"
     ALARMS = "alarms"
     TOKENS = "tokens"
+    SECRETS = "secrets"
     TICKS = ".tick"
     LINK = "name"
     AGENT = "agent"
@@ -47,6 +48,8 @@ ROOT_FILES = (
     ServedFile("alarms", Kind.ALARMS, stat.S_IFREG | 0o400, stat.S_IFREG | 0o400),
     ServedFile("tokens", Kind.TOKENS, stat.S_IFREG | 0o400, stat.S_IFREG | 0o000),
     ServedFile("nostr", Kind.NOSTR, stat.S_IFDIR | 0o755, stat.S_IFDIR | 0o555),
+    # The owner's secrets, for the egress proxy: reads list them without their values.
+    ServedFile("secrets", Kind.SECRETS, stat.S_IFREG | 0o600, stat.S_IFREG | 0o000),
 )
 
 # nostr/: the Nostr driver's relay list and how far it has read.

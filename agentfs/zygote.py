@@ -19,7 +19,6 @@ Wire (SOCK_SEQPACKET, one JSON object a message):
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import ctypes
 import json
 import os

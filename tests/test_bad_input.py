@@ -27,10 +27,11 @@ from conftest import Mount, ctl_status, errno_of, init_store, pid_alive, write_o
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from agentfs import errors
+from agentfs import caps, errors
 from agentfs.alarms import Alarm
 from agentfs.budget import LIMIT_BY_KEY, parse_settings
 from agentfs.ctl import AGENT_VERBS, TICK_VERBS, Command, parse_agent_ctl
+from agentfs.store import AgentRecord
 from agentfs.units import format_duration
 
 SETTINGS = settings(deadline=None, database=None,
@@ -183,6 +184,10 @@ WELL_FORMED_CTL = st.one_of(
     st.builds(lambda n: f"name {n}", st.sampled_from([FREE, OWN, OTHER])),
     WAKE,
     st.sampled_from(["sleep", "recover", "wake"]),
+    st.sampled_from([  # capabilities; a revoke of what the agent does not hold is ENOENT
+        "grant net api.example.com", "grant net 127.0.0.1:8443 [::1]:443", "grant spend",
+        "grant secret openai", "grant tool /usr/bin/curl '/opt/my tools'", "revoke spend",
+        "revoke net api.example.com", "revoke secret openai", "revoke tool /usr/bin/curl"]),
     st.one_of(  # well formed, but only for a running tick: EINVAL here
         st.just("checkpoint"),
         st.builds(lambda n: f"charge api {n}", SMALL),
@@ -308,12 +313,20 @@ def parse_ctl(data: bytes) -> list[Command] | int:
 
 
 def ctl_outcome(commands: list[Command], names: dict[str, str], own: str) -> int | None:
-    """The errno a well-formed ctl write from outside a tick fails with, first failure first."""
+    """The errno a well-formed ctl write from outside a tick fails with, first failure first.
+
+    A fresh agent holds no capability: a revoke is ENOENT unless the write granted it."""
+    held = AgentRecord(0, "00")
     for command in commands:
         if command.verb in TICK_VERBS:
             return errno.EINVAL
         if command.verb == "name" and names.get(command.args[0], own) != own:
             return errno.EEXIST
+        if command.verb in caps.VERBS:
+            try:
+                caps.apply(held, command)
+            except errors.FsError as e:
+                return e.errno
     return None
 
 
@@ -355,6 +368,8 @@ def describe(command: Command) -> str:
         return f"idle {format_duration(float(command.args[0]))}"
     if command.verb == "token":
         return "token set" if command.args[0] else "token none"
+    if command.verb in caps.VERBS:
+        return caps.describe(command)
     return " ".join((command.verb, *command.args))
 
 
@@ -399,6 +414,7 @@ def test_random_ctl_writes(shared: Mount, data: bytes) -> None:
     # Accepted: each command did what it says, in order, and nothing else changed.
     status = dict(before.status)
     wakes = []
+    held = AgentRecord(0, "00")  # the capabilities the write gives, shown as ctl shows them
     for command in parsed:
         if command.verb == "wake":
             wakes.append(command.text)
@@ -420,6 +436,9 @@ def test_random_ctl_writes(shared: Mount, data: bytes) -> None:
         elif command.verb == "alarm":
             alarm = alarm_of(command)
             status["alarm"] = alarm.describe() if alarm else "-"
+        elif command.verb in caps.VERBS:
+            caps.apply(held, command)
+            status.update(caps.shown(held))
     status["pending"] = str(int(before.status["pending"]) + len(wakes))
     after = snapshot(agent)
     assert same_alarm(after.status.pop("alarm"), status.pop("alarm"))
@@ -501,7 +520,8 @@ def test_known_bad_lines_are_einval_and_logged(shared: Mount) -> None:
                  "name a b", "name .x", "name npub1x", "name ctl", "wake\nfrobnicate",
                  "sleep now", "recover x", "terminate please", "checkpoint", "charge api 1",
                  "spend 3 memo", "charge api", "charge cpu 1", "spend 0", "program",
-                 "program 'unclosed", "name 'a", "\xff"]
+                 "program 'unclosed", "name 'a", "grant", "grant nets x", "grant net",
+                 "grant net a..b", "grant tool rel", "grant spend now", "revoke", "\xff"]
     budget_cases = ["max_tick_duration", "max_tick_duration 0", "max_tick_duration 5y",
                     "max_tick_duration -1s", "max_daily_compute 1 h", "max_storage_bytes 1.5",
                     "max_storage_bytes 10XB", "max_storage_bytes 0.5B",

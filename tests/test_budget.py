@@ -59,7 +59,7 @@ echo "spend 3" > "$AGENT_DIR/ctl"
 exit 1
 """)
     mount.new_agent("alice", program)
-    write_once(mount.agent("alice") / "ctl", "retries 1\n")
+    write_once(mount.agent("alice") / "ctl", "retries 1\ngrant spend\n")
     write_once(mount.agent("alice") / "inbox", "go\n")
     status = wait_until(lambda: (s := mount.status("alice"))["status"] == "failed" and s)
     assert status["error"] == "exit status 1"  # the message's tick, not the create
@@ -78,6 +78,7 @@ echo "spend 7 coffee" > "$AGENT_DIR/ctl"
 if echo "charge api 9" > "$AGENT_DIR/ctl"; then echo yes > "$1/over"; else echo no > "$1/over"; fi
 """)
     mount.new_agent("alice", program, str(tmp_path))
+    write_once(mount.agent("alice") / "ctl", "grant spend\n")  # no agent spends without it
     write_once(mount.agent("alice") / "budget", "max_daily_api_calls 10\nwarning_threshold 1\n")
     write_once(mount.agent("alice") / "inbox", "go\n")
     mount.wait_ticks("alice", 2)

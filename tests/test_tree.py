@@ -25,7 +25,7 @@ from conftest import (
 
 from agentfs.identity import agent_private_key, npub_encode, nsec_encode, public_key
 
-ROOT_FILES = ["alarms", "ctl", "nostr", "plumb", "tokens"]
+ROOT_FILES = ["alarms", "ctl", "nostr", "plumb", "secrets", "tokens"]
 AGENT_FILES = ["budget", "ctl", "inbox", "log", "outbox", "state"]
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -49,7 +49,9 @@ def test_layout(mount: Mount) -> None:
     # For drivers: anyone may read the due alarms; the token hashes are the owner's.
     assert stat.S_IMODE(os.stat(mp / "alarms").st_mode) == 0o444
     assert stat.S_IMODE(os.stat(mp / "tokens").st_mode) == 0o400
+    assert stat.S_IMODE(os.stat(mp / "secrets").st_mode) == 0o600  # lists names, no values
     assert (mp / "alarms").read_text() == (mp / "tokens").read_text() == ""
+    assert (mp / "secrets").read_text() == ""
     alice = mount.new_agent("alice")
     bob = mount.new_agent("bob", "/bin/cat")
     assert alice == expected_npub(mount.store, 0)
@@ -76,11 +78,12 @@ def test_ctl_status_fields(mount: Mount) -> None:
     lines = (mount.mp / "alice" / "ctl").read_text().splitlines()
     assert [line.split(" ", 1)[0] for line in lines] == \
         ["npub", "name", "status", "ticks", "pending", "last", "program", "retries", "idle",
-         "alarm", "token"]
+         "alarm", "token", "net", "secret", "tool", "spend"]
     # Without a program its create trigger cannot run: it stays creating.
     assert mount.status("alice") == {"npub": npub, "name": "alice", "status": "creating",
                                      "ticks": "0", "pending": "0", "last": "-", "program": "-",
-                                     "retries": "3", "idle": "30s", "alarm": "-", "token": "-"}
+                                     "retries": "3", "idle": "30s", "alarm": "-", "token": "-",
+                                     "net": "-", "secret": "-", "tool": "-", "spend": "-"}
     assert mount.status("bob")["program"] == "/bin/sh -c 'echo '\"'\"'hi there'\"'\"''"
 
 
