@@ -126,17 +126,49 @@ async def _main(runtime: Runtime) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(runtime.run)
         nursery.start_soon(_terminate_on_signals, runtime)
+        nursery.start_soon(_watch_unmount, runtime)
         await pyfuse3.main(min_tasks=4, max_tasks=512)
         nursery.cancel_scope.cancel()
+
+
+def _stop(runtime: Runtime) -> None:
+    """End the mount: first every tick's processes (rolled back, as by a crash), so that
+    none waits in a request that only this daemon could answer; then the FUSE loop."""
+    runtime.plumbing.close()
+    runtime.engine.stop()
+    pyfuse3.terminate()
 
 
 async def _terminate_on_signals(runtime: Runtime) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
-            runtime.plumbing.close()
-            pyfuse3.terminate()
+            _stop(runtime)
             return
+
+
+UNMOUNT_POLL = 0.25  # seconds
+
+
+async def _watch_unmount(runtime: Runtime) -> None:
+    """Notice `umount` or `fusermount3 -u` of our mount point.  The sandbox's mount view
+    holds the FUSE connection open, so the kernel does not end it when the mount leaves
+    this namespace: we must stop by ourselves."""
+    while True:
+        await trio.sleep(UNMOUNT_POLL)
+        if not _mounted_here(runtime.engine.mountpoint):
+            log.info("%s was unmounted: stopping", runtime.engine.mountpoint)
+            _stop(runtime)
+            return
+
+
+def _mounted_here(mountpoint: str) -> bool:
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].decode(errors="replace") == mountpoint and b" - fuse" in line:
+                return True
+    return False
 
 
 def become_subreaper() -> None:

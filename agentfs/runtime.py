@@ -127,10 +127,21 @@ class Runtime:
             ("alarm", alarm.describe() if (alarm := Alarm.decode(record.alarm)) else "-"),
             ("token", "set" if record.token else "-"),
             *caps.shown(record),
+            ("sandbox", self.sandbox_state()),
         ]
+        if self.sandbox is not None:
+            lines.append(("uid", str(self.sandbox.uid(index))))
         if record.status == "failed" and record.hook_error:
             lines.append(("error", record.hook_error))
         return "".join(f"{k} {v}\n" for k, v in lines).encode()
+
+    def sandbox_state(self) -> str:
+        """How this mount's ticks run: `on`, `off` (-o sandbox=off, unconfined), or
+        `unavailable: WHY` (ticks are refused)."""
+        if self.sandbox is None:
+            return "off"
+        problem = self.engine.sandbox_problem
+        return "on" if problem is None else f"unavailable: {problem}"
 
     def alarms_text(self) -> bytes:
         with self.store.read() as txn:

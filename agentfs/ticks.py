@@ -142,6 +142,8 @@ class TickEngine:
         self._zombies: set[int] = set()
         self._limiter = trio.CapacityLimiter(jobs)
         self._nursery: trio.Nursery | None = None
+        self.stopping = False  # the mount is ending: no tick starts, none is counted failed
+        self._sandbox_scope = trio.CancelScope()
         self.sandbox_up = trio.Event()  # set once the sandbox serves, or failed to
         self.sandbox_problem: str | None = None  # why ticks are refused, if they are
 
@@ -251,7 +253,8 @@ class TickEngine:
             self.sandbox_up.set()
 
         try:
-            await box.run(ready)
+            with self._sandbox_scope:
+                await box.run(ready)
         except (SandboxUnavailable, OSError) as e:
             self.sandbox_problem = str(e) or type(e).__name__
             log.error("sandbox unavailable: %s; ticks are refused (mount with -o sandbox=off "
@@ -259,6 +262,17 @@ class TickEngine:
         finally:
             self.sandbox_problem = self.sandbox_problem or "the sandbox ended"
             self.sandbox_up.set()
+
+    def stop(self) -> None:
+        """Kill every tick's processes now; their triggers stay pending, as after a crash."""
+        self.stopping = True
+        self._sandbox_scope.cancel()  # bwrap's end ends every process of every tick
+        for tick in self.running.values():
+            if tick.pid is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(tick.pid, signal.SIGKILL)
+        if self.runtime.sandbox is None:
+            self._reap_orphans()
 
     async def _sweep(self) -> None:
         while True:
@@ -405,6 +419,8 @@ class TickEngine:
                 tick.finished = True
                 del self.running[index]
                 self._register(tick, None)
+            if self.stopping and not outcome.ok:
+                return None  # killed by the mount's end: not the program's failure
             if outcome.ok:
                 try:
                     await runtime.committer.commit(lambda t: self._commit(t, tick, outcome))
@@ -475,6 +491,8 @@ class TickEngine:
         """Start the tick's program, sandboxed unless the mount says otherwise; a string
         says why it could not start."""
         box = self.runtime.sandbox
+        if self.stopping:
+            return "the mount is ending"
         env = self._environment(tick)
         if box is None:
             try:

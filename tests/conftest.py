@@ -27,6 +27,10 @@ import pytest
 from relay import relay  # noqa: F401  (the fixture: a real Nostr relay)
 
 AGENTFS = [sys.executable, "-m", "agentfs"]
+# The Python for agents' programs: the system's, which the sandbox shows (the test runner's
+# own interpreter may live in a home directory, which it does not).
+AGENT_PYTHON = "/usr/bin/python3"
+UID_BASE = 0x70000000  # agentfs.sandbox.DEFAULT_UID_BASE
 T = TypeVar("T")
 
 # Each store's daemon.log, and how far the checklogs guard has read it.
@@ -65,6 +69,23 @@ def wait_until(predicate: Callable[[], T | Literal[False] | None], timeout: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(0.005)
+
+
+def processes_of(uid: int) -> list[int]:
+    """The live processes (not zombies) that run as `uid`: an agent's, sandboxed."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                status = f.read()
+        except OSError:
+            continue
+        fields = dict(line.split(b":", 1) for line in status.splitlines() if b":" in line)
+        if int(fields[b"Uid"].split()[0]) == uid and not fields[b"State"].strip().startswith(b"Z"):
+            found.append(int(name))
+    return found
 
 
 def pid_alive(pid: int) -> bool:
@@ -263,6 +284,10 @@ class Mount:
 
     def new_agent(self, name: str, *program: str) -> str:
         return new_agent(self.mp, name, *program)
+
+    def uid(self, name: str) -> int:
+        """The uid agent `name`'s ticks run as."""
+        return int(self.status(name)["uid"])
 
     def status(self, name: str) -> dict[str, str]:
         return ctl_status(self.mp / name)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import errno
 import json
 import os
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 from conftest import (
+    AGENT_PYTHON,
     READ_TRIGGER,
     Mount,
     errno_of,
     pid_alive,
+    processes_of,
     release_fifo,
     script,
     sh,
@@ -265,8 +266,8 @@ sleep 30
     [record] = wait_until(lambda: tick_records(mount, "alice", "error"), 20, "the time limit")
     write_once(agent / "ctl", "sleep\n")  # no retries while we look
     assert record["error"] == "killed after 1s (max_tick_duration)"
-    main, child = map(int, (tmp_path / "pids").read_text().splitlines()[0].split())
-    wait_until(lambda: not pid_alive(main) and not pid_alive(child), 10,
+    assert len((tmp_path / "pids").read_text().split()) == 2
+    wait_until(lambda: not processes_of(mount.uid("alice")), 10,
                "the program and its background child to be gone")
     assert not (agent / "state/k").exists()
     assert (agent / "outbox").read_text() == ""
@@ -284,11 +285,12 @@ if [ ! -e "$1/ran" ]; then touch "$1/ran"; sleep 30; fi
     mount.new_agent("alice", program, str(tmp_path))
     write_once(mount.agent("alice") / "inbox", "once\n")
     wait_until(lambda: (tmp_path / "ran").exists(), 15, "the tick to start")
-    first = int((tmp_path / "pids").read_text())
+    uid = mount.uid("alice")
+    assert processes_of(uid)
     daemon = mount.pid
     sh(f"fusermount3 -u {mount.mp}")
     wait_until(lambda: not pid_alive(daemon), 10, "the daemon to exit")
-    wait_until(lambda: not pid_alive(first), 10, "the tick's program to be killed")
+    wait_until(lambda: not processes_of(uid), 10, "the tick's program to be killed")
     mount.start()
     mount.wait_ticks("alice", 2)
     assert (mount.agent("alice") / "state/k").read_text() == "run\n"
@@ -342,7 +344,7 @@ def test_a_tick_cannot_touch_another_agent(mount: Mount, tmp_path: Path) -> None
     probe.write_text(PROBE)
     bob = mount.new_agent("bob")
     sh(f"echo s3cret > {mount.mp}/bob/state/secret")
-    mount.new_agent("alice", sys.executable, str(probe), str(mount.mp), bob)
+    mount.new_agent("alice", AGENT_PYTHON, str(probe), str(mount.mp), bob)
     write_once(mount.agent("alice") / "inbox", "probe\n")
     mount.wait_ticks("alice", 2)
     state = mount.agent("alice") / "state"
@@ -354,8 +356,8 @@ def test_a_tick_cannot_touch_another_agent(mount: Mount, tmp_path: Path) -> None
          "read_tick_state", "write_tick_state", "list_tick_dir"], "EACCES")
     assert os.listdir(mount.agent("bob") / "state") == ["secret"]
     assert mount.status("bob")["pending"] == "0"
-    refused = [r for r in mount.log("alice") if r["event"] == "refused"]
-    assert refused and all(r["errno"] == "EACCES" for r in refused)
+    # The kernel refused these (the tree's owners and modes, checked by default_permissions):
+    # the daemon never heard of them, so alice's log has nothing to say.
 
 
 def test_a_tick_cannot_escape_isolation_with_setsid(mount: Mount, tmp_path: Path) -> None:
@@ -363,10 +365,10 @@ def test_a_tick_cannot_escape_isolation_with_setsid(mount: Mount, tmp_path: Path
     program = script(tmp_path, "escape.sh", READ_TRIGGER + """
 setsid cat "$2/bob/state/secret" > "$1/stolen" 2>&1
 setsid sh -c 'echo planted > "$1/bob/state/planted"' sh "$2" 2>/dev/null
-( setsid sh -c 'echo > "$1/away"; cat "$2/bob/state/secret" > "$1/orphan" 2>&1
+( setsid sh -c 'cat "$2/bob/state/secret" > "$1/orphan" 2>&1
     echo done >> "$1/orphan"' sh "$1" "$2" & )
-while [ ! -e "$1/away" ]; do :; done  # else the tick's end kills it before it leaves
-true
+# else the tick's end kills it before it tries
+while ! grep -q done "$1/orphan" 2>/dev/null; do :; done
 """)
     mount.new_agent("bob")
     sh(f"echo s3cret > {mount.mp}/bob/state/secret")
@@ -464,8 +466,8 @@ while [ ! -s "$1/pid" ]; do :; done
     mount.new_agent("alice", program, str(tmp_path))
     write_once(mount.agent("alice") / "inbox", "go\n")
     mount.wait_ticks("alice", 2)
-    pid = int((tmp_path / "pid").read_text())
-    wait_until(lambda: not pid_alive(pid), timeout=10)
+    assert (tmp_path / "pid").read_text().strip()
+    wait_until(lambda: not processes_of(mount.uid("alice")), timeout=10)
 
 
 def test_a_checkpoint_while_another_process_of_the_tick_writes(mount: Mount,
