@@ -38,7 +38,7 @@ TMP_SIZE = 64 << 20
 # What a tick's environment holds besides AGENT, AGENT_NAME, AGENT_DIR and its
 # capabilities': never the daemon's own.
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
-DEFAULT_LIMITS = confine.Limits(memory=1 << 30, processes=64, files=256, file_size=64 << 20)
+DEFAULT_LIMITS = confine.Limits(memory=1 << 30, processes=128, files=256, file_size=64 << 20)
 
 
 class SandboxUnavailable(Exception):
