@@ -14,6 +14,7 @@ knows a tick's process by its uid exactly.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ DEFAULT_UID_BASE = 0x70000000  # systemd's unused range (UIDS-GIDS.md), past con
 UID_SPAN = 1 << 24  # agents a mount can give uids to
 SYSTEM_VIEW = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 TMP_SIZE = 64 << 20
+MAX_TOOLS = 64  # as zygote.MAX_TOOLS
 # What a tick's environment holds besides AGENT, AGENT_NAME, AGENT_DIR and its
 # capabilities': never the daemon's own.
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
@@ -72,6 +74,23 @@ def check_machine() -> None:
         raise SandboxUnavailable(
             f"the kernel's Landlock ABI is {abi}; the sandbox needs 6 (Linux 6.12) for TCP "
             "rules and scoped signals and sockets")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+SYS_OPEN_TREE = 428  # the same number on every architecture (a 5.2-era syscall)
+OPEN_TREE_CLONE, AT_EMPTY_PATH, AT_RECURSIVE = 1, 0x1000, 0x8000
+
+
+def clone_tree(path: str) -> int:
+    """A detached copy of the mount tree at `path` (open_tree(2)): a descriptor the
+    sandbox's child can attach in its own mount namespace, where a bind from this one is
+    refused."""
+    fd = _libc.syscall(SYS_OPEN_TREE, -100, path.encode(),
+                       OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC)
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
+    return int(fd)
 
 
 def _covered(path: str, view: Iterable[str]) -> bool:
@@ -244,19 +263,38 @@ class Sandbox:
                 self._control.send(json.dumps({"signal": signum, "pid": pid}).encode())
 
     def spawn(self, argv: list[str], env: dict[str, str], uid: int, stdin: bytes,
+              tools: list[str] = [],  # noqa: B006 - never changed
               limits: confine.Limits = DEFAULT_LIMITS) -> SandboxedProgram:
-        """Hand a program to the zygote; await `started()` before signalling it."""
+        """Hand a program to the zygote; await `started()` before signalling it.  `tools`
+        are the agent's own tool paths beyond what every tick sees."""
         if self._spawn is None:
             raise SandboxUnavailable("the sandbox is not running")
+        extra = [t for t in tools if not _covered(t, (*SYSTEM_VIEW, *self.tools))]
+        if len(extra) > MAX_TOOLS:
+            raise ValueError(f"more than {MAX_TOOLS} tools")
+        opened: list[int] = []
+        try:
+            for path in extra:
+                try:
+                    opened.append(clone_tree(path))
+                except OSError as e:
+                    raise ValueError(f"tool {path}: {e.strerror}") from None
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
         ends = pipes_for_child(stdin)
         job = self._next_job
         self._next_job += 1
-        message = {"job": job, "argv": argv, "env": env, "uid": uid,
+        message = {"job": job, "argv": argv, "env": env, "uid": uid, "tools": extra,
                    "limits": limits.__dict__, "cwd": "/tmp"}
         try:
-            socket.send_fds(self._spawn, [json.dumps(message).encode()], ends.child_fds)
+            socket.send_fds(self._spawn, [json.dumps(message).encode()],
+                            [*ends.child_fds, *opened])
         finally:
             ends.close_child()
+            for fd in opened:
+                os.close(fd)
         program = SandboxedProgram(self, job, ends.stdin, ends.stdin_sent, ends.stdout,
                                    ends.stderr)
         self._jobs[job] = program

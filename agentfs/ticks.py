@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import trio
 
-from . import budget, errors, lifecycle
+from . import budget, caps, errors, lifecycle
 from .confine import PROXY_PORT
 from .inbox import Message, rfc3339_now
 from .overlay import TickOverlay
@@ -507,7 +507,8 @@ class TickEngine:
         if self.sandbox_problem is not None:
             return f"sandbox unavailable: {self.sandbox_problem}"
         try:
-            boxed = box.spawn(argv, env, box.uid(tick.index), trigger_line)
+            boxed = box.spawn(argv, env, box.uid(tick.index), trigger_line,
+                              caps.tools(tick.record))
         except (OSError, ValueError, SandboxUnavailable) as e:
             return f"cannot start program: {e}"
         await boxed.started()

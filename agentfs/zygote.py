@@ -32,6 +32,7 @@ from . import confine
 
 MAX_MESSAGE = 1 << 20
 POOL = 2  # children kept forked ahead of need
+MAX_TOOLS = 64  # tool paths one agent may hold
 
 CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC = 1, 2, 4, 32, 4096, 8192, \
@@ -93,7 +94,9 @@ class Zygote:
             _check(_libc.umount2(path.encode(), MNT_DETACH), f"umount {path}")
             with contextlib.suppress(OSError):  # and the empty directories bwrap made for it
                 os.removedirs(path)
-        mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        # The root stays writable to root alone (mode 0755; Landlock lets no tick write
+        # there): a child makes the mount points of its agent's tools in it.
+        mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
         proxy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         proxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         proxy.bind(("127.0.0.1", confine.PROXY_PORT))
@@ -142,10 +145,11 @@ class Zygote:
         confine.drop_bounding_set()
         self.filter.load()
         # The job: who the program runs as comes with it.
-        data, fds, _flags, _addr = socket.recv_fds(self.spawn, MAX_MESSAGE, 8)
+        data, fds, _flags, _addr = socket.recv_fds(self.spawn, MAX_MESSAGE, 3 + MAX_TOOLS)
         job: dict[str, Any] = json.loads(data)
         os.write(self.taken_w, os.getpid().to_bytes(4, "little"))
         try:
+            show_tools(job.get("tools", []), fds[3:])
             for n, fd in enumerate(fds[:3]):
                 os.dup2(fd, n)
             for fd in fds:
@@ -227,6 +231,24 @@ class Zygote:
             elif pid in self.idle:
                 self.idle.discard(pid)
                 self.fork_ahead()
+
+
+SYS_MOVE_MOUNT, MOVE_MOUNT_F_EMPTY_PATH = 429, 0x4
+
+
+def show_tools(paths: list[str], fds: list[int]) -> None:
+    """Attach the agent's tools (`grant tool PATH`), each a detached mount tree the daemon
+    cloned (open_tree(2)), read-only at their own paths in this child's mount namespace."""
+    for path, fd in zip(paths, fds, strict=True):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            os.makedirs(path, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not os.path.lexists(path):
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+        _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", -100, path.encode(),
+                             MOVE_MOUNT_F_EMPTY_PATH), f"move_mount {path}")
+        mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
 def _uid_of(pid: int) -> int | None:

@@ -439,3 +439,31 @@ def mount_command(mount: Mount) -> list[str]:
     from conftest import AGENTFS
     return [*AGENTFS, "mount", "--store", str(mount.store.path), *mount.extra_args,
             str(mount.mp)]
+
+
+def test_a_tool_is_seen_only_by_the_agent_granted_it(mount: Mount,
+                                                     tmp_path_factory: pytest.TempPathFactory,
+                                                     tmp_path: Path) -> None:
+    tools = tmp_path_factory.mktemp("tools")
+    tools.chmod(0o755)
+    tool = script(tools, "greet.sh", 'echo "hello from a tool"\n')
+    program = script(tmp_path, "use.sh", READ_TRIGGER + f"""
+ls {tools} > "$AGENT_DIR/state/listing" 2>&1
+{tool} > "$AGENT_DIR/state/ran" 2>&1 || true
+( echo x > {tool} ) 2> "$AGENT_DIR/state/w"; true
+""")
+    for name in ("alice", "bob"):
+        mount.new_agent(name, program)
+        mount.created(name)
+    write_once(mount.agent("alice") / "ctl", f"grant tool {tools}\n")
+    for name in ("alice", "bob"):
+        write_once(mount.agent(name) / "inbox", "go\n")
+        mount.wait_ticks(name, 2)
+    alice, bob = mount.agent("alice") / "state", mount.agent("bob") / "state"
+    assert (alice / "ran").read_text() == "hello from a tool\n"
+    assert (alice / "listing").read_text() == "greet.sh\n"
+    assert "No such file" in (bob / "listing").read_text()
+    assert "hello" not in (bob / "ran").read_text()
+    # Read-only, even to the agent that holds it.
+    assert "Read-only" in (alice / "w").read_text()
+    assert Path(tool).read_text().endswith('echo "hello from a tool"\n')
