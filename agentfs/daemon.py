@@ -99,6 +99,8 @@ def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
         box = sandbox.Sandbox(str(mountpoint),
                               int(ours.get("uid_base", sandbox.DEFAULT_UID_BASE)),
                               _paths(ours, "tools"), _paths(ours, "shared"))
+    if box is None:
+        log.warning("sandbox=off: ticks run unconfined, as this daemon's user")
     runtime = Runtime(store, str(mountpoint), jobs, box, proxy_ca=ours.get("proxy_ca"))
     ops = AgentFs(runtime)
     try:

@@ -666,6 +666,8 @@ class TickEngine:
         }
         if outcome.stderr:
             entry["stderr"] = outcome.stderr.decode("utf-8", errors="replace")
+        if runtime.sandbox is None:
+            entry["sandbox"] = "off"  # unconfined: every record says so
         runtime.log.append(txn, index, entry)
 
     def _fail(self, txn: Txn, tick: RunningTick, outcome: Outcome) -> None:
@@ -695,6 +697,8 @@ class TickEngine:
             "duration": round(outcome.duration, 6),
             "stderr": outcome.stderr.decode("utf-8", errors="replace"),
         }
+        if self.runtime.sandbox is None:
+            entry["sandbox"] = "off"
         if record.status == "failed" and record.hook == "error":
             entry["status"] = "failed: create failed" if tick.hook == "create" else \
                 f"failed after {record.failures} consecutive errors"

@@ -31,7 +31,7 @@ from typing import Any
 from . import confine
 
 MAX_MESSAGE = 1 << 20
-POOL = 2  # children kept forked ahead of need
+POOL = 4  # children kept forked ahead of need
 MAX_TOOLS = 64  # tool paths one agent may hold
 
 CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000

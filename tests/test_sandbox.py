@@ -408,9 +408,13 @@ def test_a_program_outside_the_view_fails_clearly(mount: Mount,
 
 def test_sandbox_off_is_said_in_ctl(make_mount: object, tmp_path: Path) -> None:
     mount = make_mount(args=("-o", "sandbox=off"))  # type: ignore[operator]
-    mount.new_agent("alice")
-    assert mount.status("alice")["sandbox"] == "off"
-    assert "uid" not in mount.status("alice")
+    mount.new_agent("alice", "/bin/true")
+    status = mount.created("alice")
+    assert status["sandbox"] == "off"
+    assert "uid" not in status
+    [record] = [r for r in mount.log("alice") if r["event"] == "tick"]
+    assert record["sandbox"] == "off"
+    assert "ticks run unconfined" in (mount.store.path / "daemon.log").read_text()
 
 
 def test_without_bwrap_ticks_are_refused_with_the_reason(tmp_path: Path) -> None:
