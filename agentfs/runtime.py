@@ -24,11 +24,14 @@ from .journal import Journal, encode_line
 from .nostr.bridge import NostrBridge, json_event, nostr_id
 from .plumbing import Delivered, Plumbing, from_outbox
 from .store import AgentRecord, AgentStore, Txn, agent_key
-from .ticks import RunningTick, TickEngine
+from .ticks import MAX_STDOUT, RunningTick, TickEngine, hops
 from .units import format_duration
 
 T = TypeVar("T")
 MAX_HOPS = 16  # agents a message may pass through, each answering the last
+# Bytes of messages the daemon holds for one tick until it commits (what it sent, and
+# queued for itself): as much as it may print on standard output.
+MAX_TICK_MESSAGES = MAX_STDOUT
 
 
 class Runtime:
@@ -80,12 +83,18 @@ class Runtime:
     # -- generated file contents ---------------------------------------------
 
     def storage_bytes(self, txn: Txn, index: int) -> int:
+        """What counts against max_storage_bytes: the values in state/, outbox and log."""
+        return self.state_bytes(txn, index) + self.outbox.size(txn, index) + \
+            self.log.size(txn, index)
+
+    def state_bytes(self, txn: Txn, index: int) -> int:
         raw = txn.get(agent_key(index) + b"storage-bytes", db=self.store.db["counters"])
         return 0 if raw is None else int.from_bytes(raw, "big", signed=True)
 
     def add_storage(self, txn: Txn, index: int, delta: int) -> None:
+        """Count `delta` more bytes of values in state/ (the journals count themselves)."""
         if delta:
-            value = self.storage_bytes(txn, index) + delta
+            value = self.state_bytes(txn, index) + delta
             txn.put(agent_key(index) + b"storage-bytes", value.to_bytes(8, "big", signed=True),
                     db=self.store.db["counters"])
 
@@ -310,6 +319,7 @@ class Runtime:
 
     async def _tick_ctl(self, tick: RunningTick, commands: list[Command]) -> None:
         charges = dict(tick.overlay.charges)
+        wakes = [{"type": "wake", "data": c.text} for c in commands if c.verb == "wake"]
         for command in commands:
             if command.verb in OWNER_VERBS:
                 raise errors.invalid(f"ctl: {command.verb} is set from outside the agent")
@@ -325,9 +335,12 @@ class Runtime:
                     raise errors.exists(f"name {command.args[0]!r}")
             if command.verb == "recover":
                 raise errors.invalid("ctl: recover is for an agent that is not running")
+        self.check_hold(tick, "ctl: wake", inbox=sum(len(encode_line(m)) for m in wakes))
         for command in commands:
             if command.verb == "wake":
-                tick.overlay.inbox.append({"type": "wake", "data": command.text})
+                wake = wakes.pop(0)
+                tick.overlay.inbox.append(wake)
+                tick.overlay.inbox_bytes += len(encode_line(wake))
             elif command.verb == "checkpoint":
                 await self.engine.checkpoint(tick)
             elif command.verb in ("charge", "spend"):
@@ -361,6 +374,7 @@ class Runtime:
             _live(tick)
             for message in messages:
                 check_agent_id(message)
+            self.hold(tick, "inbox", inbox=sum(len(encode_line(m)) for m in messages))
             tick.overlay.inbox.extend(messages)
             return
 
@@ -382,7 +396,38 @@ class Runtime:
         messages = parse_lines(data, "outbox")
         for message in messages:
             check_agent_id(message)
+        self.hold(tick, "outbox", outbox=sum(self._sent_size(tick, m) for m in messages))
         tick.overlay.outbox.extend(messages)
+
+    def _sent_size(self, tick: RunningTick, message: Message) -> int:
+        """The bytes `message` will take in the outbox, stamped as its commit will stamp it."""
+        stamped = self.outgoing(message, tick.npub, rfc3339_now())
+        stamped["hops"] = hops(tick.trigger) + 1
+        return len(encode_line(stamped))
+
+    def hold(self, tick: RunningTick, what: str, *, outbox: int = 0, inbox: int = 0) -> None:
+        """Count messages the daemon is to hold for the tick until it commits, or EDQUOT."""
+        self.check_hold(tick, what, outbox=outbox, inbox=inbox)
+        tick.overlay.outbox_bytes += outbox
+        tick.overlay.inbox_bytes += inbox
+
+    def check_hold(self, tick: RunningTick, what: str, *, outbox: int = 0,
+                   inbox: int = 0) -> None:
+        """EDQUOT if the daemon may not hold these bytes more of messages for the tick.
+
+        Without a bound, a tick writing without end to its outbox grows the daemon without
+        end.  What it sends also counts in its storage from now, so that the write
+        past max_storage_bytes is the one refused.
+        """
+        overlay = tick.overlay
+        held, more = overlay.held_bytes, outbox + inbox
+        if held + more > MAX_TICK_MESSAGES:
+            raise errors.over_quota(
+                f"{what}: {more} more bytes would pass the {MAX_TICK_MESSAGES} bytes of "
+                f"messages a tick may hold until it commits ({held} held)")
+        if outbox:
+            self.check_storage(tick.record, tick.storage_base + overlay.stored_delta, outbox,
+                               what)
 
     async def budget_write(self, index: int, data: bytes, tick: RunningTick | None) -> None:
         if tick is not None:
@@ -415,7 +460,8 @@ class Runtime:
             grew = overlay.bytes_delta - delta
             if grew > 0:
                 try:
-                    self.check_storage(tick.record, tick.storage_base + delta, grew)
+                    self.check_storage(tick.record,
+                                       tick.storage_base + delta + overlay.outbox_bytes, grew)
                 except errors.FsError:
                     overlay.changes, overlay.bytes_delta = changes, delta  # nothing partial
                     raise
@@ -424,11 +470,11 @@ class Runtime:
             return await self.commit_state(index, op)
 
     @staticmethod
-    def check_storage(record: AgentRecord, stored: int, growth: int) -> None:
+    def check_storage(record: AgentRecord, stored: int, growth: int, what: str = "state") -> None:
         most = budget.limit(record, "max_storage_bytes")
         if stored + growth > most:
             raise errors.over_quota(
-                f"state: {growth} more bytes would pass max_storage_bytes {int(most)} "
+                f"{what}: {growth} more bytes would pass max_storage_bytes {int(most)} "
                 f"({stored} stored)")
 
     def warn_budget(self, txn: Txn, record: AgentRecord, now: str) -> bool:

@@ -314,7 +314,8 @@ class StateModel(RuleBasedStateMachine):
         assert dirs == self.dirs
         assert files == self.files
         budget = (self.root.parent / "budget").read_text()
-        assert f"\nused_storage_bytes {sum(map(len, files.values()))}\n" in budget
+        journals = sum((self.root.parent / j).stat().st_size for j in ("outbox", "log"))
+        assert f"\nused_storage_bytes {sum(map(len, files.values())) + journals}\n" in budget
 
 
 def test_state_machine_against_a_dict(shared_mount: Mount) -> None:

@@ -77,7 +77,8 @@ echo "to the log" >&2
     assert "to the log" in str(record["stderr"])
     usage = dict(line.split(" ", 1) for line in (agent / "budget").read_text().splitlines())
     stored = len((agent / "state/trigger").read_bytes()) + len("nested\n")
-    assert usage["used_storage_bytes"] == str(stored)
+    journals = (agent / "outbox").stat().st_size + (agent / "log").stat().st_size
+    assert usage["used_storage_bytes"] == str(stored + journals)  # the journals count too
     assert usage["used_daily_compute"] != "0s"
     # jq picks the reply out of outbox as a user would.
     assert sh(f"jq -c 'select(.in_reply_to == \"m-1\") | .data' {agent}/outbox").stdout \
@@ -489,5 +490,6 @@ wait
     usage = dict(line.split(" ", 1) for line in (mount.agent("busy") / "budget").read_text()
                  .splitlines() if line.startswith("used_storage_bytes"))
     assert usage  # the stored bytes are counted once
+    journals = sum((mount.agent("busy") / j).stat().st_size for j in ("outbox", "log"))
     assert int(usage["used_storage_bytes"].split()[0]) == sum(
-        len(f"{i}\n") for i in range(300))
+        len(f"{i}\n") for i in range(300)) + journals

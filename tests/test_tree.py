@@ -196,7 +196,7 @@ def test_bad_budget_is_einval_and_changes_nothing(mount: Mount) -> None:
     mount.new_agent("alice")
     agent = mount.agent("alice")
     write_once(agent / "budget", "max_tick_duration 10s\n")
-    before = (agent / "budget").read_text()
+    before, log_before = budget(agent), (agent / "log").stat().st_size
     bad = ["max_tick_duration 5x", "max_tick_duration", "max_tick_duration 1 s",
            "max_tick_duration -1s", "max_tick_duration 0", "max_storage_bytes 1.5B",
            "max_storage_bytes 10furlongs", "max_daily_api_calls 1.5", "warning_threshold 2",
@@ -206,8 +206,12 @@ def test_bad_budget_is_einval_and_changes_nothing(mount: Mount) -> None:
             text
     done = sh(f"echo 'max_tick_duration forever' > {agent}/budget", check=False)
     assert done.returncode != 0 and "Invalid argument" in done.stderr
-    assert (agent / "budget").read_text() == before
-    assert budget(agent)["max_tick_duration"] == "10s"
+    after = budget(agent)
+    # Only the log changed, by the refusals' records, which count in the storage used.
+    grown = (agent / "log").stat().st_size - log_before
+    assert int(after.pop("used_storage_bytes")) - int(before.pop("used_storage_bytes")) == grown
+    assert after == before
+    assert after["max_tick_duration"] == "10s"
     refused = refusals(agent)
     assert len(refused) == len(bad) + 1
     assert all(r["errno"] == "EINVAL" for r in refused)
