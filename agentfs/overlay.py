@@ -25,10 +25,12 @@ class TickOverlay:
     spends: list[dict[str, Any]] = field(default_factory=list)
     bytes_delta: int = 0  # what the changes add to the agent's stored bytes
     # Bytes of messages the daemon holds for the tick until it commits: `outbox` as its lines
-    # will be stored (they count in the agent's storage), and the messages it queued for
-    # itself.  Bounded: see `Runtime.hold`.
+    # will be stored (they count in the agent's storage), the messages it queued for itself,
+    # and the partial lines in files it has open (not part of a snapshot: they stay
+    # buffered).  Bounded: see `Runtime.hold`.
     outbox_bytes: int = 0
     inbox_bytes: int = 0
+    partial_bytes: int = 0
 
     def snapshot(self) -> TickOverlay:
         """What the tick has written so far, frozen: a checkpoint commits this while the
@@ -63,7 +65,7 @@ class TickOverlay:
 
     @property
     def held_bytes(self) -> int:
-        return self.outbox_bytes + self.inbox_bytes
+        return self.outbox_bytes + self.inbox_bytes + self.partial_bytes
 
     def get(self, path: str) -> Entry | None:
         if path in self.changes:

@@ -29,8 +29,8 @@ from .units import format_duration
 
 T = TypeVar("T")
 MAX_HOPS = 16  # agents a message may pass through, each answering the last
-# Bytes of messages the daemon holds for one tick until it commits (what it sent, and
-# queued for itself): as much as it may print on standard output.
+# Bytes of messages the daemon holds for one tick until it commits (what it sent, queued
+# for itself, and its partial lines): as much as it may print on standard output.
 MAX_TICK_MESSAGES = MAX_STDOUT
 
 
@@ -405,11 +405,13 @@ class Runtime:
         stamped["hops"] = hops(tick.trigger) + 1
         return len(encode_line(stamped))
 
-    def hold(self, tick: RunningTick, what: str, *, outbox: int = 0, inbox: int = 0) -> None:
+    def hold(self, tick: RunningTick, what: str, *, outbox: int = 0, inbox: int = 0,
+             partial: int = 0) -> None:
         """Count messages the daemon is to hold for the tick until it commits, or EDQUOT."""
-        self.check_hold(tick, what, outbox=outbox, inbox=inbox)
+        self.check_hold(tick, what, outbox=outbox, inbox=inbox + partial)
         tick.overlay.outbox_bytes += outbox
         tick.overlay.inbox_bytes += inbox
+        tick.overlay.partial_bytes += partial
 
     def check_hold(self, tick: RunningTick, what: str, *, outbox: int = 0,
                    inbox: int = 0) -> None:

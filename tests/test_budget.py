@@ -135,6 +135,28 @@ def test_a_tick_may_hold_only_so_much_of_messages(mount: Mount, tmp_path: Path) 
     assert grown < 64 << 20, f"the daemon grew by {grown} bytes"
 
 
+def test_partial_lines_count_in_what_a_tick_may_hold(mount: Mount, tmp_path: Path) -> None:
+    # Seven files open on the outbox, each given 3 MB of a line it does not end: the sixth
+    # passes the 16 MiB, and the seventh has no room at all.
+    program = script(tmp_path, "partial.sh", READ_TRIGGER + """
+o="$AGENT_DIR/outbox"
+exec 3>>"$o" 4>>"$o" 5>>"$o" 6>>"$o" 7>>"$o" 8>>"$o" 9>>"$o"
+for fd in 3 4 5 6 7 8 9; do
+    head -c 3000000 /dev/zero | tr '\\0' x 2>/dev/null >&$fd || echo $fd >> "$1/refused"
+done
+exit 1
+""")
+    mount.new_agent("partial", program, str(tmp_path))
+    mount.created("partial")
+    write_once(mount.agent("partial") / "ctl", "retries 1\n")
+    write_once(mount.agent("partial") / "inbox", "go\n")
+    wait_until(lambda: mount.status("partial")["status"] == "failed")
+    assert (tmp_path / "refused").read_text() == "8\n9\n"
+    held = [r for r in refusals(mount, "partial") if r["errno"] == "EDQUOT"]
+    assert held and all("a tick may hold" in str(r["error"]) for r in held)
+    assert mount.outbox("partial") == []  # it failed: nothing was sent
+
+
 def test_a_failed_tick_charges_nothing(mount: Mount, tmp_path: Path) -> None:
     program = script(tmp_path, "pay.sh", READ_TRIGGER + """
 echo "charge api 5" > "$AGENT_DIR/ctl"

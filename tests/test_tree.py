@@ -24,6 +24,7 @@ from conftest import (
 )
 
 from agentfs.identity import agent_private_key, npub_encode, nsec_encode, public_key
+from agentfs.inbox import MAX_LINE
 
 ROOT_FILES = ["alarms", "ctl", "nostr", "plumb", "tokens"]
 AGENT_FILES = ["budget", "ctl", "inbox", "log", "outbox", "state"]
@@ -271,6 +272,48 @@ def test_inbox_partial_line_waits_for_newline_or_close(mount: Mount) -> None:
     with open(agent / "inbox", "w") as f:
         f.write('{"type":"x","data":"no newline"}')
     assert mount.inbox("alice")[-1]["data"] == "no newline"
+
+
+def test_a_long_line_in_small_pieces_arrives_whole(mount: Mount) -> None:
+    mount.new_agent("alice")
+    agent = mount.agent("alice")
+    line = b"".join(b"%07d," % i for i in range(MAX_LINE // 8))  # MAX_LINE bytes: allowed
+    assert len(line) == MAX_LINE
+    fd = os.open(agent / "inbox", os.O_WRONLY)
+    try:
+        for at in range(0, len(line), 4096):
+            assert os.write(fd, line[at:at + 4096]) == 4096
+        assert os.write(fd, b"\nnext\n") == 6
+    finally:
+        os.close(fd)
+    assert [m["data"].encode() for m in mount.inbox("alice")] == [line, b"next"]
+
+
+def test_a_line_past_the_limit_is_refused_and_dropped(mount: Mount) -> None:
+    mount.new_agent("alice")
+    agent = mount.agent("alice")
+    before = mount.rss()
+    piece = b"x" * 65536
+    fd = os.open(agent / "inbox", os.O_WRONLY)
+    try:
+        sent = 0
+        with pytest.raises(OSError) as refused:
+            while sent < 4 * MAX_LINE:  # one line, far past the limit, until refused
+                sent += os.write(fd, piece)
+        assert refused.value.errno == errno.EMSGSIZE
+        assert sent == MAX_LINE  # the write that passed it was the one refused
+        # Dropped: not held, and the rest of the line does not pass for a line of its own.
+        grown = mount.rss() - before
+        assert grown < MAX_LINE + (8 << 20), f"the daemon grew by {grown} bytes"
+        assert errno_of(lambda: os.write(fd, b"the end of it\nnext\n")) == errno.EMSGSIZE
+    finally:
+        os.close(fd)
+    assert mount.inbox("alice") == []
+    refused_records = refusals(agent)
+    assert [r["errno"] for r in refused_records] == ["EMSGSIZE", "EMSGSIZE"]
+    assert f"a line over {MAX_LINE} bytes" in str(refused_records[0]["error"])
+    write_once(agent / "inbox", "another open file\n")  # takes lines again
+    assert [m["data"] for m in mount.inbox("alice")] == ["another open file"]
 
 
 # -- outbox and log ----------------------------------------------------------------------------
