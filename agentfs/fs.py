@@ -24,6 +24,7 @@ import trio
 
 from . import errors, state
 from .inbox import MAX_LINE
+from .refusals import clip
 from .runtime import Runtime
 from .ticks import RunningTick
 from .tree import (
@@ -124,7 +125,8 @@ class AgentFs(pyfuse3.Operations):
             if log and node.index >= 0:
                 await self.runtime.refused(node.index, what, e)
             elif log:
-                logger.info("refused %s: %s", what, e.message)  # no agent's log to say it in
+                # No agent's log to say it in.
+                logger.info("refused %s: %s", clip(what), clip(e.message))
             raise pyfuse3.FUSEError(e.errno) from None
 
     async def _check(self, node: Node, ctx: pyfuse3.RequestContext, write: bool,

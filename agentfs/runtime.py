@@ -23,6 +23,7 @@ from .inbox import Inbox, Message, check_agent_id, parse_lines, rfc3339_now, sta
 from .journal import Journal, encode_line
 from .nostr.bridge import NostrBridge, json_event, nostr_id
 from .plumbing import Delivered, Plumbing, from_outbox
+from .refusals import RefusalLog, clip
 from .store import AgentRecord, AgentStore, Txn, agent_key
 from .ticks import MAX_STDOUT, RunningTick, TickEngine, hops
 from .units import format_duration
@@ -45,6 +46,7 @@ class Runtime:
         self.engine = TickEngine(self, mountpoint, jobs)
         self.plumbing = Plumbing(self)
         self.nostr = NostrBridge(self)
+        self.refusals = RefusalLog(self._log_refusal)
         self._locks: dict[int, trio.Lock] = {}
         # Files made empty by create or O_TRUNC, not yet committed: see `state_empty`.
         self._unwritten: dict[int, dict[str, state.Entry]] = {}
@@ -55,6 +57,7 @@ class Runtime:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.committer.run)
             await nursery.start(self.engine.run)
+            self.refusals.nursery = nursery
             task_status.started()
 
     @asynccontextmanager
@@ -562,10 +565,13 @@ class Runtime:
             return list(_UnwrittenView(self, txn, index).children(path))
 
     async def refused(self, index: int, what: str, error: errors.FsError) -> None:
-        """Say in the agent's log what was refused and why (committed on its own)."""
-        entry = {"time": rfc3339_now(), "event": "refused", "op": what,
-                 "errno": _errno_name(error.errno), "error": error.message}
+        """Say in the agent's log what was refused and why, as often as `refusals` lets."""
+        await self.refusals.refused(index, {
+            "time": rfc3339_now(), "event": "refused", "op": clip(what),
+            "errno": _errno_name(error.errno), "error": clip(error.message)})
 
+    async def _log_refusal(self, index: int, entry: dict[str, object]) -> None:
+        """A `refused` record, committed on its own."""
         def apply(txn: Txn) -> None:
             if self.store.agent(txn, index) is not None:
                 self.log.append(txn, index, entry)
