@@ -121,6 +121,30 @@ def test_new_duplicate_and_bad_names(mount: Mount) -> None:
     assert mount.new_agent("bob") == expected_npub(mount.store, 1)
 
 
+def test_root_file_names_are_no_agent_names(mount: Mount) -> None:
+    # An agent named `tokens` would be a link in the root beside the file `tokens`.
+    mp = mount.mp
+    npub = mount.new_agent("alice")
+    listed = sorted(os.listdir(mp))
+    for name in [*ROOT_FILES, ".tick"]:
+        for line in (f"new {name} /bin/true", f"new {name}"):
+            assert errno_of(partial(write_once, mp / "ctl", line + "\n")) == errno.EINVAL, line
+        assert errno_of(partial(write_once, mp / npub / "ctl", f"name {name}\n")) == \
+            errno.EINVAL, name
+    assert sorted(os.listdir(mp)) == listed  # nothing created, nothing renamed
+    assert mount.status("alice")["name"] == "alice"
+    assert not any(os.path.islink(mp / name) for name in ROOT_FILES)
+    assert (mp / "tokens").read_text() == ""  # still the root's file: no agent has a token
+    why = "the root has a file of that name (reserved: .tick alarms ctl nostr plumb tokens)"
+    daemon_log = (mount.store.path / "daemon.log").read_text()
+    for name in [*ROOT_FILES, ".tick"]:
+        assert f"refused write root ctl: name {name!r}: {why}" in daemon_log, name
+    renames = [r for r in refusals(mp / npub) if r["op"] == "write ctl"]
+    assert [r["error"] for r in renames] == [f"name {n!r}: {why}" for n in [*ROOT_FILES, ".tick"]]
+    # The next agent still gets the next number.
+    assert mount.new_agent("bob") == expected_npub(mount.store, 1)
+
+
 # -- agent ctl ---------------------------------------------------------------------------------
 
 
