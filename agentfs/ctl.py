@@ -8,18 +8,22 @@ import shlex
 from dataclasses import dataclass, field
 
 from . import alarms, caps, errors
+from .tree import ROOT_FILES
 from .units import parse_duration
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
-RESERVED_NAMES = {"ctl", "plumb"}
+# An agent's name is a link in the root: a root file's name would hide it, or the file.
+RESERVED_NAMES = frozenset({f.name for f in ROOT_FILES} | {".tick"})
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name) or name in RESERVED_NAMES or name.startswith("npub1"):
+    if name in RESERVED_NAMES:
+        raise errors.invalid(f"name {name!r}: the root has a file of that name "
+                             f"(reserved: {' '.join(sorted(RESERVED_NAMES))})")
+    if not NAME_RE.match(name) or name.startswith("npub1"):
         raise errors.invalid(
-            f"name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -, not starting with '.', '-' or npub1,"
-            " and not 'ctl'"
-        )
+            f"name {name[:70]!r}: use 1-64 of A-Z a-z 0-9 . _ -, not starting with '.', '-' "
+            "or npub1")
     return name
 
 

@@ -54,6 +54,10 @@ def over_quota(why: str) -> FsError:
     return FsError(errno.EDQUOT, why)
 
 
+def too_long(why: str) -> FsError:
+    return FsError(errno.EMSGSIZE, why)
+
+
 def no_space(why: str) -> FsError:
     return FsError(errno.ENOSPC, why)
 

@@ -23,6 +23,8 @@ import pyfuse3
 import trio
 
 from . import errors, state
+from .inbox import MAX_LINE
+from .refusals import clip
 from .runtime import Runtime
 from .ticks import RunningTick
 from .tree import (
@@ -43,6 +45,7 @@ from .tree import (
 T = TypeVar("T")
 REFUSED = 1 << 40  # a handle flag beyond open(2)'s: a write through it was refused
 TRUNCATED = 1 << 41  # opened with O_TRUNC: closing it replaces the text, even with nothing
+OVERLONG = 1 << 42  # a line written through it passed MAX_LINE: it was dropped, and so is the rest
 logger = logging.getLogger("agentfs")
 
 # Directories and files of the fixed tree never move and their attributes do not change
@@ -125,7 +128,8 @@ class AgentFs(pyfuse3.Operations):
             if log and node.index >= 0:
                 await self.runtime.refused(node.index, what, e)
             elif log:
-                logger.info("refused %s: %s", what, e.message)  # no agent's log to say it in
+                # No agent's log to say it in.
+                logger.info("refused %s: %s", clip(what), clip(e.message))
             raise pyfuse3.FUSEError(e.errno) from None
 
     async def _check(self, node: Node, ctx: pyfuse3.RequestContext, write: bool,
@@ -553,15 +557,70 @@ class AgentFs(pyfuse3.Operations):
             elif kind is Kind.PORT:
                 await runtime.plumbing.ack(node.path, buf, fh)
             elif kind in (Kind.INBOX, Kind.OUTBOX):
-                # A refused write leaves the buffered partial line as it was.
-                buffered = bytes(handle.partial) + buf
-                end = buffered.rfind(b"\n") + 1
-                if end:
-                    await self._deliver(handle, buffered[:end])
-                handle.partial = bytearray(buffered[end:])
+                return await self._write_lines(handle, buf)
             else:
                 raise errors.denied(f"{kind.value}: read-only")
         return len(buf)
+
+    async def _write_lines(self, handle: Handle, buf: bytes) -> int:
+        """Deliver the lines `buf` ends; keep the partial line after them for the next write.
+
+        Only `buf` is searched, and a partial line is appended to, never copied whole but
+        when it ends: a long line written in small pieces costs its length, not its square.
+        A write(2) comes in pieces of at most FUSE's max_write (1 MiB at most), so only the
+        line it continues, or the one it leaves unended, can pass MAX_LINE.
+        """
+        kind = handle.node.kind.value
+        if handle.flags & OVERLONG:
+            raise errors.too_long(f"{kind}: a line over {MAX_LINE} bytes was dropped; "
+                                  "nothing more is taken through this open file")
+        end = buf.rfind(b"\n") + 1
+        if not end:
+            self._keep(handle, buf)
+            return len(buf)
+        if len(handle.partial) + buf.find(b"\n") > MAX_LINE:
+            self._too_long(handle)
+        before = self._unkept(handle)
+        try:
+            await self._deliver(handle, before + buf[:end])
+        except errors.FsError:
+            self._keep(handle, before, check=False)  # a refused write leaves it as it was
+            raise
+        try:
+            self._keep(handle, buf[end:])
+        except errors.FsError:
+            return end  # a short write: the lines went, the writer hears why when it goes on
+        return len(buf)
+
+    def _keep(self, handle: Handle, data: bytes, check: bool = True) -> None:
+        """Buffer `data`, more of a line not yet ended: the daemon holds it for the writer,
+        and a tick's partial lines count in what it may hold (`Runtime.hold`)."""
+        if check and len(handle.partial) + len(data) > MAX_LINE:
+            self._too_long(handle)
+        if handle.tick is not None and data:
+            if check:
+                self.runtime.hold(handle.tick, handle.node.kind.value, partial=len(data))
+            else:
+                handle.tick.overlay.partial_bytes += len(data)
+        handle.partial += data
+
+    def _unkept(self, handle: Handle) -> bytes:
+        """The partial line, no longer buffered."""
+        rest = bytes(handle.partial)
+        self._drop(handle)
+        return rest
+
+    def _drop(self, handle: Handle) -> None:
+        if handle.tick is not None:
+            handle.tick.overlay.partial_bytes -= len(handle.partial)
+        handle.partial = bytearray()
+
+    def _too_long(self, handle: Handle) -> None:
+        """Drop the line: what follows it in later writes would otherwise pass for a line."""
+        self._drop(handle)
+        handle.flags |= OVERLONG
+        raise errors.too_long(f"{handle.node.kind.value}: a line over {MAX_LINE} bytes: "
+                              "dropped, with all that follows through this open file")
 
     async def _deliver(self, handle: Handle, lines: bytes) -> None:
         node = handle.node
@@ -576,8 +635,7 @@ class AgentFs(pyfuse3.Operations):
             async with self._refusals(handle.node, f"close state/{handle.node.path}"):
                 await self.runtime.settle(handle.node.index)
         if isinstance(handle, Handle) and handle.partial:
-            rest = bytes(handle.partial)
-            handle.partial.clear()
+            rest = self._unkept(handle)
             kind = handle.node.kind
             async with self._refusals(handle.node, f"write {kind.value}"):
                 if kind in REPLACED:

@@ -13,6 +13,9 @@ from .store import AgentStore, Txn, agent_key, scan_prefix
 
 Message = dict[str, Any]
 MAX_ID = 256  # bytes; ids are keys of the `seen` table
+# Bytes of one line of inbox or outbox, its newline aside: as much as a tick may print in all
+# (ticks.MAX_STDOUT).  A partial line is held by the daemon until its newline comes.
+MAX_LINE = 16 << 20
 
 
 def rfc3339_now() -> str:

@@ -24,13 +24,21 @@ class TickOverlay:
     charges: dict[str, int] = field(default_factory=dict)  # usage key -> amount charged
     spends: list[dict[str, Any]] = field(default_factory=list)
     bytes_delta: int = 0  # what the changes add to the agent's stored bytes
+    # Bytes of messages the daemon holds for the tick until it commits: `outbox` as its lines
+    # will be stored (they count in the agent's storage), the messages it queued for itself,
+    # and the partial lines in files it has open (not part of a snapshot: they stay
+    # buffered).  Bounded: see `Runtime.hold`.
+    outbox_bytes: int = 0
+    inbox_bytes: int = 0
+    partial_bytes: int = 0
 
     def snapshot(self) -> TickOverlay:
         """What the tick has written so far, frozen: a checkpoint commits this while the
         tick's other processes may go on writing to the overlay itself."""
         return TickOverlay(self.store, self.index, dict(self.changes), list(self.outbox),
                            list(self.inbox), list(self.ctl), dict(self.charges),
-                           list(self.spends), self.bytes_delta)
+                           list(self.spends), self.bytes_delta, self.outbox_bytes,
+                           self.inbox_bytes)
 
     def forget(self, done: TickOverlay) -> None:
         """Drop what `done`, a snapshot of this overlay, committed; keep what came since."""
@@ -47,6 +55,17 @@ class TickOverlay:
             else:
                 self.charges.pop(key, None)
         self.bytes_delta -= done.bytes_delta
+        self.outbox_bytes -= done.outbox_bytes
+        self.inbox_bytes -= done.inbox_bytes
+
+    @property
+    def stored_delta(self) -> int:
+        """What committing adds to the agent's storage (but for the tick's own log record)."""
+        return self.bytes_delta + self.outbox_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        return self.outbox_bytes + self.inbox_bytes + self.partial_bytes
 
     def get(self, path: str) -> Entry | None:
         if path in self.changes:

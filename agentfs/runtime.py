@@ -25,13 +25,17 @@ from .inbox import Inbox, Message, check_agent_id, parse_lines, rfc3339_now, sta
 from .journal import Journal, encode_line
 from .nostr.bridge import NostrBridge, json_event, nostr_id
 from .plumbing import Delivered, Plumbing, from_outbox
+from .refusals import RefusalLog, clip
 from .sandbox import Sandbox
 from .store import AgentRecord, AgentStore, Txn, agent_key
-from .ticks import RunningTick, TickEngine
+from .ticks import MAX_STDOUT, RunningTick, TickEngine, hops
 from .units import format_duration
 
 T = TypeVar("T")
 MAX_HOPS = 16  # agents a message may pass through, each answering the last
+# Bytes of messages the daemon holds for one tick until it commits (what it sent, queued
+# for itself, and its partial lines): as much as it may print on standard output.
+MAX_TICK_MESSAGES = MAX_STDOUT
 
 
 class Runtime:
@@ -50,6 +54,7 @@ class Runtime:
         self.nostr = NostrBridge(self)
         self.secrets = Factotum(store, self.committer)
         self.egress = Egress(self, proxy_ca)
+        self.refusals = RefusalLog(self._log_refusal)
         self._locks: dict[int, trio.Lock] = {}
         # Files made empty by create or O_TRUNC, not yet committed: see `state_empty`.
         self._unwritten: dict[int, dict[str, state.Entry]] = {}
@@ -60,6 +65,7 @@ class Runtime:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.committer.run)
             await nursery.start(self.engine.run)
+            self.refusals.nursery = nursery
             if self.sandbox is not None:
                 # The proxy serves inside the sandbox's network namespace, once it is up.
                 nursery.start_soon(self.engine.run_sandbox, self.sandbox)
@@ -93,12 +99,18 @@ class Runtime:
     # -- generated file contents ---------------------------------------------
 
     def storage_bytes(self, txn: Txn, index: int) -> int:
+        """What counts against max_storage_bytes: the values in state/, outbox and log."""
+        return self.state_bytes(txn, index) + self.outbox.size(txn, index) + \
+            self.log.size(txn, index)
+
+    def state_bytes(self, txn: Txn, index: int) -> int:
         raw = txn.get(agent_key(index) + b"storage-bytes", db=self.store.db["counters"])
         return 0 if raw is None else int.from_bytes(raw, "big", signed=True)
 
     def add_storage(self, txn: Txn, index: int, delta: int) -> None:
+        """Count `delta` more bytes of values in state/ (the journals count themselves)."""
         if delta:
-            value = self.storage_bytes(txn, index) + delta
+            value = self.state_bytes(txn, index) + delta
             txn.put(agent_key(index) + b"storage-bytes", value.to_bytes(8, "big", signed=True),
                     db=self.store.db["counters"])
 
@@ -347,6 +359,7 @@ class Runtime:
 
     async def _tick_ctl(self, tick: RunningTick, commands: list[Command]) -> None:
         charges = dict(tick.overlay.charges)
+        wakes = [{"type": "wake", "data": c.text} for c in commands if c.verb == "wake"]
         for command in commands:
             caps.refuse_in_tick(command)
             if command.verb in OWNER_VERBS:
@@ -363,9 +376,12 @@ class Runtime:
                     raise errors.exists(f"name {command.args[0]!r}")
             if command.verb == "recover":
                 raise errors.invalid("ctl: recover is for an agent that is not running")
+        self.check_hold(tick, "ctl: wake", inbox=sum(len(encode_line(m)) for m in wakes))
         for command in commands:
             if command.verb == "wake":
-                tick.overlay.inbox.append({"type": "wake", "data": command.text})
+                wake = wakes.pop(0)
+                tick.overlay.inbox.append(wake)
+                tick.overlay.inbox_bytes += len(encode_line(wake))
             elif command.verb == "checkpoint":
                 await self.engine.checkpoint(tick)
             elif command.verb in ("charge", "spend"):
@@ -401,6 +417,7 @@ class Runtime:
             _live(tick)
             for message in messages:
                 check_agent_id(message)
+            self.hold(tick, "inbox", inbox=sum(len(encode_line(m)) for m in messages))
             tick.overlay.inbox.extend(messages)
             return
 
@@ -422,7 +439,40 @@ class Runtime:
         messages = parse_lines(data, "outbox")
         for message in messages:
             check_agent_id(message)
+        self.hold(tick, "outbox", outbox=sum(self._sent_size(tick, m) for m in messages))
         tick.overlay.outbox.extend(messages)
+
+    def _sent_size(self, tick: RunningTick, message: Message) -> int:
+        """The bytes `message` will take in the outbox, stamped as its commit will stamp it."""
+        stamped = self.outgoing(message, tick.npub, rfc3339_now())
+        stamped["hops"] = hops(tick.trigger) + 1
+        return len(encode_line(stamped))
+
+    def hold(self, tick: RunningTick, what: str, *, outbox: int = 0, inbox: int = 0,
+             partial: int = 0) -> None:
+        """Count messages the daemon is to hold for the tick until it commits, or EDQUOT."""
+        self.check_hold(tick, what, outbox=outbox, inbox=inbox + partial)
+        tick.overlay.outbox_bytes += outbox
+        tick.overlay.inbox_bytes += inbox
+        tick.overlay.partial_bytes += partial
+
+    def check_hold(self, tick: RunningTick, what: str, *, outbox: int = 0,
+                   inbox: int = 0) -> None:
+        """EDQUOT if the daemon may not hold these bytes more of messages for the tick.
+
+        Without a bound, a tick writing without end to its outbox grows the daemon without
+        end.  What it sends also counts in its storage from now, so that the write
+        past max_storage_bytes is the one refused.
+        """
+        overlay = tick.overlay
+        held, more = overlay.held_bytes, outbox + inbox
+        if held + more > MAX_TICK_MESSAGES:
+            raise errors.over_quota(
+                f"{what}: {more} more bytes would pass the {MAX_TICK_MESSAGES} bytes of "
+                f"messages a tick may hold until it commits ({held} held)")
+        if outbox:
+            self.check_storage(tick.record, tick.storage_base + overlay.stored_delta, outbox,
+                               what)
 
     async def budget_write(self, index: int, data: bytes, tick: RunningTick | None) -> None:
         if tick is not None:
@@ -455,7 +505,8 @@ class Runtime:
             grew = overlay.bytes_delta - delta
             if grew > 0:
                 try:
-                    self.check_storage(tick.record, tick.storage_base + delta, grew)
+                    self.check_storage(tick.record,
+                                       tick.storage_base + delta + overlay.outbox_bytes, grew)
                 except errors.FsError:
                     overlay.changes, overlay.bytes_delta = changes, delta  # nothing partial
                     raise
@@ -464,11 +515,11 @@ class Runtime:
             return await self.commit_state(index, op)
 
     @staticmethod
-    def check_storage(record: AgentRecord, stored: int, growth: int) -> None:
+    def check_storage(record: AgentRecord, stored: int, growth: int, what: str = "state") -> None:
         most = budget.limit(record, "max_storage_bytes")
         if stored + growth > most:
             raise errors.over_quota(
-                f"state: {growth} more bytes would pass max_storage_bytes {int(most)} "
+                f"{what}: {growth} more bytes would pass max_storage_bytes {int(most)} "
                 f"({stored} stored)")
 
     def warn_budget(self, txn: Txn, record: AgentRecord, now: str) -> bool:
@@ -554,10 +605,13 @@ class Runtime:
             return list(_UnwrittenView(self, txn, index).children(path))
 
     async def refused(self, index: int, what: str, error: errors.FsError) -> None:
-        """Say in the agent's log what was refused and why (committed on its own)."""
-        entry = {"time": rfc3339_now(), "event": "refused", "op": what,
-                 "errno": _errno_name(error.errno), "error": error.message}
+        """Say in the agent's log what was refused and why, as often as `refusals` lets."""
+        await self.refusals.refused(index, {
+            "time": rfc3339_now(), "event": "refused", "op": clip(what),
+            "errno": _errno_name(error.errno), "error": clip(error.message)})
 
+    async def _log_refusal(self, index: int, entry: dict[str, object]) -> None:
+        """A `refused` record, committed on its own."""
         def apply(txn: Txn) -> None:
             if self.store.agent(txn, index) is not None:
                 self.log.append(txn, index, entry)

@@ -628,7 +628,8 @@ class TickEngine:
         tick.asleep = tick.asleep or any(c.verb == "sleep" for c in frozen.ctl)
         tick.terminated = tick.terminated or any(c.verb == "terminate" for c in frozen.ctl)
         self._notify_delivered(tick)
-        tick.storage_base += frozen.bytes_delta
+        with self.runtime.store.read() as txn:  # what it committed, and the log meanwhile
+            tick.storage_base = self.runtime.storage_bytes(txn, tick.index)
         tick.overlay.forget(frozen)
         for old in tick.dropped_names:
             await self.runtime.name_dropped(old)

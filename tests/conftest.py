@@ -279,6 +279,13 @@ class Mount:
         os.kill(self.pid, signal.SIGKILL)
         wait_until(lambda: not pid_alive(self.pid), 10, "the killed daemon to go")
 
+    def rss(self) -> int:
+        """The daemon's resident memory now, in bytes (VmRSS)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(f"no VmRSS in /proc/{self.pid}/status")
+
     def agent(self, name: str) -> Path:
         return self.mp / name
 

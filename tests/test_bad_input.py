@@ -99,6 +99,10 @@ def budget_lines(agent: Agent) -> dict[str, str]:
     text = (agent.dir / "budget").read_text()
     lines = dict(line.split(" ", 1) for line in text.splitlines())
     lines.pop("next_reset")  # moves at midnight, nothing a write changes
+    # The journals count in the storage used, and a write refused or done adds to the log:
+    # what is compared is the rest, the bytes of state/.
+    journals = sum((agent.dir / j).stat().st_size for j in ("outbox", "log"))
+    lines["used_storage_bytes"] = str(int(lines["used_storage_bytes"]) - journals)
     return lines
 
 

@@ -19,37 +19,142 @@ def refusals(mount: Mount, name: str) -> list[dict[str, object]]:
     return [r for r in mount.log(name) if r["event"] == "refused"]
 
 
+def journals(mount: Mount, name: str) -> int:
+    """The bytes of the agent's outbox and log: they count in its storage."""
+    agent = mount.agent(name)
+    return (agent / "outbox").stat().st_size + (agent / "log").stat().st_size
+
+
+def leave_room(mount: Mount, name: str, room: int) -> None:
+    """Set max_storage_bytes to leave `room` bytes free, once the log has the record of
+    the setting (the log counts in the storage it limits)."""
+    for _attempt in range(4):
+        usage = budget(mount, name)
+        used = int(usage["used_storage_bytes"])
+        if int(usage["max_storage_bytes"]) - used == room:
+            return
+        # The next record is as long as the last one, a setting of as many digits.
+        last = (mount.agent(name) / "log").read_bytes().splitlines(keepends=True)[-1]
+        write_once(mount.agent(name) / "budget", f"max_storage_bytes {used + room + len(last)}\n")
+    raise AssertionError(f"could not leave {room} bytes free: {budget(mount, name)}")
+
+
 def test_storage_quota_refuses_growth_and_keeps_nothing_partial(mount: Mount) -> None:
     mount.new_agent("alice")
     state = mount.agent("alice") / "state"
-    write_once(mount.agent("alice") / "budget", "max_storage_bytes 100\n")
-    (state / "a").write_bytes(b"x" * 60)
-    assert errno_of(lambda: (state / "b").write_bytes(b"y" * 60)) == errno.EDQUOT
+    write_once(mount.agent("alice") / "budget", "warning_threshold 1\n")  # no warning records
+    leave_room(mount, "alice", 1000)
+    (state / "a").write_bytes(b"x" * 600)
+    assert errno_of(lambda: (state / "b").write_bytes(b"y" * 600)) == errno.EDQUOT
     appending = os.O_WRONLY | os.O_APPEND
-    assert errno_of(lambda: write_once(state / "a", b"z" * 50, appending)) == errno.EDQUOT
-    assert (state / "a").read_bytes() == b"x" * 60
+    assert errno_of(lambda: write_once(state / "a", b"z" * 500, appending)) == errno.EDQUOT
+    assert (state / "a").read_bytes() == b"x" * 600
     assert (state / "b").read_bytes() == b""  # created, but its write was refused whole
-    assert budget(mount, "alice")["used_storage_bytes"] == "60"
-    assert refusals(mount, "alice")[-1]["errno"] == "EDQUOT"
-    # Shrinking is always allowed, and frees room.
-    (state / "a").write_bytes(b"x" * 10)
-    (state / "b").write_bytes(b"y" * 90)
-    assert budget(mount, "alice")["used_storage_bytes"] == "100"
+    # The journals count: the two refusals' records took some of the room.
+    assert int(budget(mount, "alice")["used_storage_bytes"]) == 600 + journals(mount, "alice")
+    assert [r["errno"] for r in refusals(mount, "alice")] == ["EDQUOT", "EDQUOT"]
+    # Shrinking is always allowed, and frees room: all of it but a byte can be taken again.
+    (state / "a").write_bytes(b"x" * 100)
+    usage = budget(mount, "alice")
+    free = int(usage["max_storage_bytes"]) - int(usage["used_storage_bytes"])
+    assert free > 400
+    (state / "b").write_bytes(b"y" * (free - 1))
+    usage = budget(mount, "alice")
+    assert int(usage["used_storage_bytes"]) == int(usage["max_storage_bytes"]) - 1 == \
+        100 + free - 1 + journals(mount, "alice")
 
 
 def test_storage_quota_inside_a_tick(mount: Mount, tmp_path: Path) -> None:
     program = script(tmp_path, "big.sh", READ_TRIGGER + """
 printf 'small' > "$AGENT_DIR/state/small"
-if head -c 500 /dev/zero > "$AGENT_DIR/state/big"; then echo wrote > "$1/result"
+if head -c 5000 /dev/zero > "$AGENT_DIR/state/big"; then echo wrote > "$1/result"
 else echo refused > "$1/result"; fi
 """)
     mount.new_agent("alice", program, str(tmp_path))
-    write_once(mount.agent("alice") / "budget", "max_storage_bytes 100\n")
+    mount.created("alice")
+    leave_room(mount, "alice", 2000)
     write_once(mount.agent("alice") / "inbox", "go\n")
     mount.wait_ticks("alice", 2)
     assert (tmp_path / "result").read_text() == "refused\n"
     assert (mount.agent("alice") / "state" / "small").read_text() == "small"
-    assert budget(mount, "alice")["used_storage_bytes"] == "5"
+    assert int(budget(mount, "alice")["used_storage_bytes"]) == 5 + journals(mount, "alice")
+
+
+def flood(line: int, mib: int) -> str:
+    """A program that writes `mib` MiB of `line`-byte messages to its outbox with dd, which
+    stops at the first refused write; lines divide a block, so no partial line is left."""
+    data = "x" * (line - len('{"type":"flood","data":""}\n'))
+    return READ_TRIGGER + f"""
+case "$trigger" in *'"type":"budget"'*) exit 0 ;; esac
+yes '{{"type":"flood","data":"{data}"}}' | \\
+    dd of="$AGENT_DIR/outbox" bs=64k count={16 * mib} iflag=fullblock 2> "$1/dd.err"
+echo $? > "$1/status"
+"""
+
+
+def test_a_tick_flooding_its_outbox_is_refused_at_its_storage(mount: Mount,
+                                                               tmp_path: Path) -> None:
+    # 64 MiB of messages against a limit of 1 MB: what the tick sends counts in its storage
+    # as it writes, so the daemon holds no more than the limit for it.
+    mount.new_agent("flood", script(tmp_path, "flood.sh", flood(64, 64)), str(tmp_path))
+    mount.created("flood")
+    write_once(mount.agent("flood") / "budget", "max_storage_bytes 1MB\n")
+    before = mount.rss()
+    write_once(mount.agent("flood") / "inbox", "go\n")
+    mount.wait_ticks("flood", 3)  # go, then the budget trigger of the storage warning
+    grown = mount.rss() - before
+    assert (tmp_path / "status").read_text() != "0\n"
+    assert "Disk quota exceeded" in (tmp_path / "dd.err").read_text()
+    [refused] = refusals(mount, "flood")  # dd stops at the first refusal
+    assert refused["op"] == "write outbox" and refused["errno"] == "EDQUOT"
+    assert "max_storage_bytes 1000000" in str(refused["error"])
+    sent = (mount.agent("flood") / "outbox").stat().st_size
+    assert 500_000 < sent <= 1_000_000
+    # What is committed is counted: the outbox and the log with the state.
+    assert int(budget(mount, "flood")["used_storage_bytes"]) == journals(mount, "flood")
+    # The messages held until the commit, then the pages of the store the commit touched.
+    assert grown < 8_000_000, f"the daemon grew by {grown} bytes"
+
+
+def test_a_tick_may_hold_only_so_much_of_messages(mount: Mount, tmp_path: Path) -> None:
+    # Storage to spare, but the daemon holds at most 16 MiB of messages for one tick.
+    mount.new_agent("flood", script(tmp_path, "flood.sh", flood(4096, 256)),
+                    str(tmp_path))
+    mount.created("flood")
+    write_once(mount.agent("flood") / "budget", "max_storage_bytes 1GB\n")
+    before = mount.rss()
+    write_once(mount.agent("flood") / "inbox", "go\n")
+    mount.wait_ticks("flood", 2)
+    grown = mount.rss() - before
+    assert "Disk quota exceeded" in (tmp_path / "dd.err").read_text()
+    [refused] = refusals(mount, "flood")
+    assert refused["errno"] == "EDQUOT"
+    assert "16777216 bytes of messages a tick may hold" in str(refused["error"])
+    assert 15 << 20 < (mount.agent("flood") / "outbox").stat().st_size <= 16 << 20
+    # The 16 MiB held, then as much again of the commit's buffers and the store's pages.
+    assert grown < 64 << 20, f"the daemon grew by {grown} bytes"
+
+
+def test_partial_lines_count_in_what_a_tick_may_hold(mount: Mount, tmp_path: Path) -> None:
+    # Seven files open on the outbox, each given 3 MB of a line it does not end: the sixth
+    # passes the 16 MiB, and the seventh has no room at all.
+    program = script(tmp_path, "partial.sh", READ_TRIGGER + """
+o="$AGENT_DIR/outbox"
+exec 3>>"$o" 4>>"$o" 5>>"$o" 6>>"$o" 7>>"$o" 8>>"$o" 9>>"$o"
+for fd in 3 4 5 6 7 8 9; do
+    head -c 3000000 /dev/zero | tr '\\0' x 2>/dev/null >&$fd || echo $fd >> "$1/refused"
+done
+exit 1
+""")
+    mount.new_agent("partial", program, str(tmp_path))
+    mount.created("partial")
+    write_once(mount.agent("partial") / "ctl", "retries 1\n")
+    write_once(mount.agent("partial") / "inbox", "go\n")
+    wait_until(lambda: mount.status("partial")["status"] == "failed")
+    assert (tmp_path / "refused").read_text() == "8\n9\n"
+    held = [r for r in refusals(mount, "partial") if r["errno"] == "EDQUOT"]
+    assert held and all("a tick may hold" in str(r["error"]) for r in held)
+    assert mount.outbox("partial") == []  # it failed: nothing was sent
 
 
 def test_a_failed_tick_charges_nothing(mount: Mount, tmp_path: Path) -> None:

@@ -78,7 +78,8 @@ echo "to the log" >&2
     assert "to the log" in str(record["stderr"])
     usage = dict(line.split(" ", 1) for line in (agent / "budget").read_text().splitlines())
     stored = len((agent / "state/trigger").read_bytes()) + len("nested\n")
-    assert usage["used_storage_bytes"] == str(stored)
+    journals = (agent / "outbox").stat().st_size + (agent / "log").stat().st_size
+    assert usage["used_storage_bytes"] == str(stored + journals)  # the journals count too
     assert usage["used_daily_compute"] != "0s"
     # jq picks the reply out of outbox as a user would.
     assert sh(f"jq -c 'select(.in_reply_to == \"m-1\") | .data' {agent}/outbox").stdout \
@@ -491,5 +492,42 @@ wait
     usage = dict(line.split(" ", 1) for line in (mount.agent("busy") / "budget").read_text()
                  .splitlines() if line.startswith("used_storage_bytes"))
     assert usage  # the stored bytes are counted once
+    journals = sum((mount.agent("busy") / j).stat().st_size for j in ("outbox", "log"))
     assert int(usage["used_storage_bytes"].split()[0]) == sum(
-        len(f"{i}\n") for i in range(300))
+        len(f"{i}\n") for i in range(300)) + journals
+
+
+def test_refusals_in_a_loop_leave_a_bounded_log(mount: Mount, tmp_path: Path) -> None:
+    # 10,000 refused opens: the log takes a burst of them, then says how many more it left out.
+    program = script(tmp_path, "refuse.sh", READ_TRIGGER + """
+exec 2>/dev/null
+i=0
+while [ $i -lt 10000 ]; do echo x > "$AGENT_DIR/log"; i=$((i+1)); done
+""")
+    mount.new_agent("noisy", program)
+    mount.created("noisy")
+    write_once(mount.agent("noisy") / "inbox", "go\n")
+    assert mount.wait_ticks("noisy", 2, timeout=60)["last"].endswith(" ok")
+
+    def all_counted() -> list[dict[str, object]] | None:
+        refused = [r for r in mount.log("noisy") if r["event"] == "refused"]
+        counted = sum(int(str(r.get("suppressed", 1))) for r in refused)
+        assert counted <= 10000
+        return refused if counted == 10000 else None
+
+    refused = wait_until(all_counted, 15, "every refusal logged or counted")
+    assert all(r["op"] == "open log for writing" and r["errno"] == "EACCES" for r in refused)
+    one_by_one = [r for r in refused if "suppressed" not in r]
+    reports = [r for r in refused if "suppressed" in r]
+    assert len(one_by_one) == 32  # the burst; then the records are reports of counts
+    assert reports and len(refused) < 100, len(refused)
+
+
+def test_a_refusal_quotes_at_most_512_characters(mount: Mount) -> None:
+    mount.new_agent("alice")
+    agent = mount.agent("alice")
+    assert errno_of(lambda: write_once(agent / "ctl", "x" * 100_000 + "\n")) == errno.EINVAL
+    [record] = [r for r in mount.log("alice") if r["event"] == "refused"]
+    error = str(record["error"])
+    assert error.startswith("ctl: unknown command 'xxx") and error.endswith("\u2026")
+    assert len(error) == 512

@@ -24,6 +24,7 @@ from conftest import (
 )
 
 from agentfs.identity import agent_private_key, npub_encode, nsec_encode, public_key
+from agentfs.inbox import MAX_LINE
 
 ROOT_FILES = ["alarms", "ctl", "nostr", "plumb", "secrets", "tokens"]
 AGENT_FILES = ["budget", "ctl", "inbox", "log", "outbox", "state"]
@@ -123,6 +124,30 @@ def test_new_duplicate_and_bad_names(mount: Mount) -> None:
     assert mount.new_agent("bob") == expected_npub(mount.store, 1)
 
 
+def test_root_file_names_are_no_agent_names(mount: Mount) -> None:
+    # An agent named `tokens` would be a link in the root beside the file `tokens`.
+    mp = mount.mp
+    npub = mount.new_agent("alice")
+    listed = sorted(os.listdir(mp))
+    for name in [*ROOT_FILES, ".tick"]:
+        for line in (f"new {name} /bin/true", f"new {name}"):
+            assert errno_of(partial(write_once, mp / "ctl", line + "\n")) == errno.EINVAL, line
+        assert errno_of(partial(write_once, mp / npub / "ctl", f"name {name}\n")) == \
+            errno.EINVAL, name
+    assert sorted(os.listdir(mp)) == listed  # nothing created, nothing renamed
+    assert mount.status("alice")["name"] == "alice"
+    assert not any(os.path.islink(mp / name) for name in ROOT_FILES)
+    assert (mp / "tokens").read_text() == ""  # still the root's file: no agent has a token
+    why = "the root has a file of that name (reserved: .tick alarms ctl nostr plumb tokens)"
+    daemon_log = (mount.store.path / "daemon.log").read_text()
+    for name in [*ROOT_FILES, ".tick"]:
+        assert f"refused write root ctl: name {name!r}: {why}" in daemon_log, name
+    renames = [r for r in refusals(mp / npub) if r["op"] == "write ctl"]
+    assert [r["error"] for r in renames] == [f"name {n!r}: {why}" for n in [*ROOT_FILES, ".tick"]]
+    # The next agent still gets the next number.
+    assert mount.new_agent("bob") == expected_npub(mount.store, 1)
+
+
 # -- agent ctl ---------------------------------------------------------------------------------
 
 
@@ -199,7 +224,7 @@ def test_bad_budget_is_einval_and_changes_nothing(mount: Mount) -> None:
     mount.new_agent("alice")
     agent = mount.agent("alice")
     write_once(agent / "budget", "max_tick_duration 10s\n")
-    before = (agent / "budget").read_text()
+    before, log_before = budget(agent), (agent / "log").stat().st_size
     bad = ["max_tick_duration 5x", "max_tick_duration", "max_tick_duration 1 s",
            "max_tick_duration -1s", "max_tick_duration 0", "max_storage_bytes 1.5B",
            "max_storage_bytes 10furlongs", "max_daily_api_calls 1.5", "warning_threshold 2",
@@ -209,8 +234,12 @@ def test_bad_budget_is_einval_and_changes_nothing(mount: Mount) -> None:
             text
     done = sh(f"echo 'max_tick_duration forever' > {agent}/budget", check=False)
     assert done.returncode != 0 and "Invalid argument" in done.stderr
-    assert (agent / "budget").read_text() == before
-    assert budget(agent)["max_tick_duration"] == "10s"
+    after = budget(agent)
+    # Only the log changed, by the refusals' records, which count in the storage used.
+    grown = (agent / "log").stat().st_size - log_before
+    assert int(after.pop("used_storage_bytes")) - int(before.pop("used_storage_bytes")) == grown
+    assert after == before
+    assert after["max_tick_duration"] == "10s"
     refused = refusals(agent)
     assert len(refused) == len(bad) + 1
     assert all(r["errno"] == "EINVAL" for r in refused)
@@ -270,6 +299,48 @@ def test_inbox_partial_line_waits_for_newline_or_close(mount: Mount) -> None:
     with open(agent / "inbox", "w") as f:
         f.write('{"type":"x","data":"no newline"}')
     assert mount.inbox("alice")[-1]["data"] == "no newline"
+
+
+def test_a_long_line_in_small_pieces_arrives_whole(mount: Mount) -> None:
+    mount.new_agent("alice")
+    agent = mount.agent("alice")
+    line = b"".join(b"%07d," % i for i in range(MAX_LINE // 8))  # MAX_LINE bytes: allowed
+    assert len(line) == MAX_LINE
+    fd = os.open(agent / "inbox", os.O_WRONLY)
+    try:
+        for at in range(0, len(line), 4096):
+            assert os.write(fd, line[at:at + 4096]) == 4096
+        assert os.write(fd, b"\nnext\n") == 6
+    finally:
+        os.close(fd)
+    assert [m["data"].encode() for m in mount.inbox("alice")] == [line, b"next"]
+
+
+def test_a_line_past_the_limit_is_refused_and_dropped(mount: Mount) -> None:
+    mount.new_agent("alice")
+    agent = mount.agent("alice")
+    before = mount.rss()
+    piece = b"x" * 65536
+    fd = os.open(agent / "inbox", os.O_WRONLY)
+    try:
+        sent = 0
+        with pytest.raises(OSError) as refused:
+            while sent < 4 * MAX_LINE:  # one line, far past the limit, until refused
+                sent += os.write(fd, piece)
+        assert refused.value.errno == errno.EMSGSIZE
+        assert sent == MAX_LINE  # the write that passed it was the one refused
+        # Dropped: not held, and the rest of the line does not pass for a line of its own.
+        grown = mount.rss() - before
+        assert grown < MAX_LINE + (8 << 20), f"the daemon grew by {grown} bytes"
+        assert errno_of(lambda: os.write(fd, b"the end of it\nnext\n")) == errno.EMSGSIZE
+    finally:
+        os.close(fd)
+    assert mount.inbox("alice") == []
+    refused_records = refusals(agent)
+    assert [r["errno"] for r in refused_records] == ["EMSGSIZE", "EMSGSIZE"]
+    assert f"a line over {MAX_LINE} bytes" in str(refused_records[0]["error"])
+    write_once(agent / "inbox", "another open file\n")  # takes lines again
+    assert [m["data"] for m in mount.inbox("alice")] == ["another open file"]
 
 
 # -- outbox and log ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from agentfs.inbox import Inbox, parse_lines
 from agentfs.journal import Journal
 from agentfs.overlay import TickOverlay
 from agentfs.store import AgentRecord, AgentStore
+from agentfs.tree import ROOT_FILES
 from agentfs.units import format_duration, parse_duration, parse_size
 
 
@@ -88,6 +89,17 @@ def test_agent_ctl_parses_several_commands() -> None:
 def test_agent_ctl_refuses_malformed(line: bytes) -> None:
     with refused(errno.EINVAL):
         ctl.parse_agent_ctl(line)
+
+
+@pytest.mark.parametrize("name", sorted({f.name for f in ROOT_FILES} | {".tick"}))
+def test_a_root_file_name_is_reserved(name: str) -> None:
+    assert name in ctl.RESERVED_NAMES
+    with refused(errno.EINVAL):
+        ctl.parse_root_ctl(f"new {name} /bin/true\n".encode())
+    with refused(errno.EINVAL):
+        ctl.parse_agent_ctl(f"name {name}\n".encode())
+    if not name.startswith("."):
+        assert ctl.check_name(name + "2") == name + "2"  # only the names themselves
 
 
 def test_root_ctl() -> None:
