@@ -326,8 +326,14 @@ MountFactory = Callable[..., Mount]
 def module_mount(tmp_path_factory: pytest.TempPathFactory, label: str) -> Iterator[Mount]:
     """A mount for a whole module (a fixture yields from it): its tests use agents of their own."""
     base = tmp_path_factory.mktemp(label)
+    base.chmod(0o711)  # the agents' uids pass through it to reach the mount
     (base / "mnt").mkdir()
-    m = Mount(init_store(base / "store"), base / "mnt")
+    # Its tests keep their programs in their own tmp_path: the whole session's temporary
+    # directory is shared with the ticks (each tmp_path is opened to them, see below).
+    everything = tmp_path_factory.getbasetemp()
+    everything.chmod(0o755)
+    m = Mount(init_store(base / "store"), base / "mnt",
+              extra_args=["-o", f"shared={everything}"])
     try:
         yield m.start()
     finally:
@@ -365,6 +371,15 @@ def mount(store: Store, tmp_path: Path) -> Iterator[Mount]:
         yield m.start()
     finally:
         m.stop()
+
+
+@pytest.fixture(autouse=True)
+def tmp_path_for_ticks(request: pytest.FixtureRequest) -> None:
+    """A test's tmp_path holds the programs its agents run and what they report: open it
+    to the agents' uids (pytest makes it 0700)."""
+    if "tmp_path" in request.fixturenames:
+        path: Path = request.getfixturevalue("tmp_path")
+        path.chmod(0o777)
 
 
 @pytest.fixture(autouse=True)

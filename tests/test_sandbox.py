@@ -71,6 +71,21 @@ def probe(mount: Mount, directory: Path, name: str, body: str, *args: str) -> di
     return {entry: (state / entry).read_text() for entry in os.listdir(state)}
 
 
+def bob_waits(mount: Mount, directory: Path) -> tuple[Path, int]:
+    """Agent bob in a tick that waits on a fifo (released with release_fifo): the gate, and
+    bob's pid in the sandbox."""
+    gate = directory / "gate"
+    os.mkfifo(gate)
+    gate.chmod(0o666)
+    bob = script(directory, "bob.sh", READ_TRIGGER + 'echo $$ > "$1/bob.pid"; cat "$1/gate"\n')
+    mount.new_agent("bob", bob, str(directory))
+    mount.created("bob")
+    write_once(mount.agent("bob") / "inbox", "wait\n")
+    pid = wait_until(lambda: (directory / "bob.pid").exists() and
+                     (directory / "bob.pid").read_text().strip(), 15, "bob's tick")
+    return gate, int(pid)
+
+
 @pytest.fixture
 def apart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, Path]]:
     """A mount whose store lies apart from the directory shared with the ticks, as in real
@@ -135,17 +150,8 @@ attempt("write_etc", lambda: open("/etc/agentfs-was-here", "w"))
 
 def test_a_tick_cannot_signal_trace_or_read_outside_processes(mount: Mount,
                                                                tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
-    os.mkfifo(gate)
-    gate.chmod(0o666)
     # bob's tick waits on the gate while alice tries to reach it, the daemon and the zygote.
-    bob = script(tmp_path, "bob.sh", READ_TRIGGER + 'echo $$ > "$1/bob.pid"; cat "$1/gate"\n')
-    mount.new_agent("bob", bob, str(tmp_path))
-    mount.created("bob")
-    write_once(mount.agent("bob") / "inbox", "wait\n")
-    wait_until(lambda: (tmp_path / "bob.pid").exists() and
-               (tmp_path / "bob.pid").read_text().strip(), 15, "bob's tick")
-    bob_pid = int((tmp_path / "bob.pid").read_text())
+    gate, bob_pid = bob_waits(mount, tmp_path)
     results = probe(mount, tmp_path, "alice", f"""
 me = os.getpid()
 attempt("procs", lambda: " ".join(sorted(n for n in os.listdir("/proc") if n.isdigit()
@@ -204,14 +210,7 @@ attempt("vm_read_parent", lambda: vm_read(os.getppid()))
 
 
 def test_kill_minus_one_ends_only_the_ticks_own_processes(mount: Mount, tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
-    os.mkfifo(gate)
-    gate.chmod(0o666)
-    bob = script(tmp_path, "bob.sh", READ_TRIGGER + 'echo up > "$1/bob.up"; cat "$1/gate"\n')
-    mount.new_agent("bob", bob, str(tmp_path))
-    mount.created("bob")
-    write_once(mount.agent("bob") / "inbox", "wait\n")
-    wait_until(lambda: (tmp_path / "bob.up").exists(), 15, "bob's tick")
+    gate, _bob_pid = bob_waits(mount, tmp_path)
     alice = script(tmp_path, "alice.sh", READ_TRIGGER + "kill -9 -1; kill -9 $PPID; true\n")
     mount.new_agent("alice", alice)
     mount.created("alice")
