@@ -100,7 +100,8 @@ def _covered(path: str, view: Iterable[str]) -> bool:
 def _zygote_paths() -> list[str]:
     """Where this interpreter and this package live: the zygote needs them to start, the
     ticks must not see them."""
-    here = str(Path(__file__).resolve().parent.parent)
+    here = str(Path(__file__).resolve().parent)  # this package alone: a mount point may
+    # lie beside it (./demo in a checkout), and detaching its parent would take the mount
     wanted = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, here)}
     wanted.add(os.path.realpath(sys.executable))
     outside = {p for p in wanted if not _covered(p, SYSTEM_VIEW)}

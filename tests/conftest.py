@@ -254,8 +254,11 @@ class Mount:
         if any(word in arg for arg in self.extra_args
                for word in ("tools=", "shared=", "sandbox=off")):
             return []
-        self.mp.parent.chmod(0o777)
-        return ["-o", f"shared={self.mp.parent}"]
+        # The mount point's directory is a test's tmp_path, or a module's; its parent is
+        # the session's temporary directory, where every test's tmp_path lies.
+        self.mp.parent.chmod(self.mp.parent.stat().st_mode & 0o777 | 0o711)
+        self.mp.parent.parent.chmod(0o755)
+        return ["-o", f"shared={self.mp.parent.parent}"]
 
     def stop(self) -> None:
         """Unmount (lazily, so it works even with a dead daemon) and see the daemon gone."""
@@ -328,12 +331,7 @@ def module_mount(tmp_path_factory: pytest.TempPathFactory, label: str) -> Iterat
     base = tmp_path_factory.mktemp(label)
     base.chmod(0o711)  # the agents' uids pass through it to reach the mount
     (base / "mnt").mkdir()
-    # Its tests keep their programs in their own tmp_path: the whole session's temporary
-    # directory is shared with the ticks (each tmp_path is opened to them, see below).
-    everything = tmp_path_factory.getbasetemp()
-    everything.chmod(0o755)
-    m = Mount(init_store(base / "store"), base / "mnt",
-              extra_args=["-o", f"shared={everything}"])
+    m = Mount(init_store(base / "store"), base / "mnt")
     try:
         yield m.start()
     finally:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
+import json
 import os
 import subprocess
-import sys
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import (
+    AGENT_PYTHON,
     AGENTFS,
     READ_TRIGGER,
     Mount,
@@ -34,7 +34,11 @@ ROTATED = "sk-rotated-8d2e4b19f07a63c5e1"
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+    directory = tmp_path_factory.mktemp("pki")
+    pki = make_pki(directory)
+    directory.chmod(0o755)  # ticks trust the CA too (SSL_CERT_FILE)
+    pki.ca.chmod(0o644)
+    return pki
 
 
 @pytest.fixture(scope="module")
@@ -218,41 +222,58 @@ def test_a_host_not_granted_is_403_and_logged(proxied: Mount, plain: Upstream,
     assert budget["used_daily_api_calls"] == "0"  # refused before it was made: not counted
 
 
+ASK_PROXY = """
+import base64, http.client, json, os, sys, urllib.parse
+if json.loads(sys.stdin.readline()).get("lifecycle"):
+    sys.exit(0)
+target, out = sys.argv[1], sys.argv[2]
+proxy = urllib.parse.urlsplit(os.environ["HTTP_PROXY"])
+mine = proxy.password
+
+
+def status(authorization):
+    connection = http.client.HTTPConnection(proxy.hostname, proxy.port, timeout=20)
+    headers = {} if authorization is None else {"Proxy-Authorization": authorization}
+    try:
+        connection.request("GET", target, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return [response.status, response.getheader("Proxy-Authenticate")]
+    finally:
+        connection.close()
+
+
+def basic(secret):
+    return "Basic " + base64.b64encode(f"agent:{secret}".encode()).decode()
+
+
+old = open(out + "/token.first").read() if os.path.exists(out + "/token.first") else None
+results = {"none": status(None), "wrong": status(basic("not-the-token")),
+           "bearer": status("Bearer " + mine), "mine": status(basic(mine)),
+           "ended": status(basic(old)) if old else None}
+open(out + "/token." + os.environ["AGENT_NAME"], "w").write(mine)
+open(out + "/results." + os.environ["AGENT_NAME"], "w").write(json.dumps(results))
+"""
+
+
 def test_a_request_without_a_live_token_is_407(proxied: Mount, plain: Upstream,
                                                tmp_path: Path) -> None:
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    program = script(tmp_path, "hold.sh", READ_TRIGGER + f'env > "$1/env"\nread -r x < {fifo}\n')
-    write_once(proxied.mp / "ctl", f"new holder {program} {tmp_path}\n"
-                                   f"grant net 127.0.0.1:{plain.port}\n")
-    write_once(proxied.agent("holder") / "inbox", "go\n")
-    wait_until(lambda: (tmp_path / "env").exists() and "HTTP_PROXY" in
-               (tmp_path / "env").read_text())
-    port, token = proxy_of(tmp_path / "env")
+    # The proxy is reached from inside the sandbox only: the ticks themselves try it.
+    probe = tmp_path / "ask.py"
+    probe.write_text(ASK_PROXY)
     target = f"http://127.0.0.1:{plain.port}/token"
-
-    def status(authorization: str | None) -> tuple[int, str | None]:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-        headers = {} if authorization is None else {"Proxy-Authorization": authorization}
-        try:
-            connection.request("GET", target, headers=headers)
-            response = connection.getresponse()
-            response.read()
-            return response.status, response.getheader("Proxy-Authenticate")
-        finally:
-            connection.close()
-
-    def basic(secret: str) -> str:
-        return "Basic " + base64.b64encode(f"agent:{secret}".encode()).decode()
-
-    assert status(None) == (407, 'Basic realm="agentfs egress"')
-    assert status(basic("not-the-token"))[0] == 407
-    assert status("Bearer " + token)[0] == 407
-    assert status(basic(token))[0] == 200  # the running tick's token, from anywhere
-    release_fifo(fifo)
-    proxied.wait_ticks("holder", 2)
-    assert status(basic(token))[0] == 407  # its tick ended: so did its token
-    assert [s.path for s in plain.requests()] == ["/token"]
+    for name in ("first", "second"):
+        write_once(proxied.mp / "ctl", f"new {name} {AGENT_PYTHON} {probe} {target} {tmp_path}\n"
+                                       f"grant net 127.0.0.1:{plain.port}\n")
+        run_once(proxied, name, 2)
+    first = json.loads((tmp_path / "results.first").read_text())
+    second = json.loads((tmp_path / "results.second").read_text())
+    for results in (first, second):
+        assert results["none"] == [407, 'Basic realm="agentfs egress"']
+        assert results["wrong"][0] == results["bearer"][0] == 407
+        assert results["mine"][0] == 200
+    assert second["ended"][0] == 407  # the first tick ended: so did its token
+    assert [s.path for s in plain.requests()] == ["/token", "/token"]
 
 
 def test_api_calls_are_counted_and_limited(proxied: Mount, plain: Upstream,
@@ -282,7 +303,7 @@ def test_connect_tunnels_tls_end_to_end(proxied: Mount, https: Upstream, pki: Pk
                                         tmp_path: Path) -> None:
     program = script(tmp_path, "tunnel.sh", READ_TRIGGER + f"""
 export SSL_CERT_FILE={pki.ca}
-{sys.executable} - "$1" <<'EOF'
+{AGENT_PYTHON} - "$1" <<'EOF'
 import sys, urllib.request
 with urllib.request.urlopen("https://127.0.0.1:{https.port}/tunnelled", timeout=20) as answer:
     open(sys.argv[1] + "/tunnel", "w").write(f"{{answer.status}} {{answer.read().decode()}}")
