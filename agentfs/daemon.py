@@ -159,7 +159,7 @@ async def _watch_unmount(runtime: Runtime) -> None:
     while True:
         await trio.sleep(UNMOUNT_POLL)
         if not _mounted_here(runtime.engine.mountpoint):
-            log.info("%s was unmounted: stopping", runtime.engine.mountpoint)
+            log.info("%s: no longer mounted here (umount): stopping", runtime.engine.mountpoint)
             _stop(runtime)
             return
 

@@ -372,12 +372,18 @@ def mount(store: Store, tmp_path: Path) -> Iterator[Mount]:
 
 
 @pytest.fixture(autouse=True)
-def tmp_path_for_ticks(request: pytest.FixtureRequest) -> None:
-    """A test's tmp_path holds the programs its agents run and what they report: open it
-    to the agents' uids (pytest makes it 0700)."""
+def tmp_path_for_ticks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test's tmp_path holds the programs its agents run, the fifos they wait on and
+    what they report: open it, and what the test makes in it (umask 0), to the agents'
+    uids, which the sandbox gives them (pytest makes tmp_path 0700)."""
     if "tmp_path" in request.fixturenames:
         path: Path = request.getfixturevalue("tmp_path")
         path.chmod(0o777)
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 @pytest.fixture(autouse=True)
