@@ -393,9 +393,10 @@ attempt("list_ticks", lambda: os.listdir(os.path.join(mp, ".tick")))
         os.close(fd)
 
 
-def test_a_program_outside_the_view_fails_clearly(mount: Mount,
+def test_a_program_outside_the_view_fails_clearly(apart: tuple[Mount, Path],
                                                   tmp_path_factory: pytest.TempPathFactory,
                                                   ) -> None:
+    mount, _shared = apart
     hidden = tmp_path_factory.mktemp("elsewhere")
     hidden.chmod(0o755)
     program = script(hidden, "p.sh", "exit 0\n")
@@ -444,9 +445,10 @@ def mount_command(mount: Mount) -> list[str]:
             str(mount.mp)]
 
 
-def test_a_tool_is_seen_only_by_the_agent_granted_it(mount: Mount,
+def test_a_tool_is_seen_only_by_the_agent_granted_it(apart: tuple[Mount, Path],
                                                      tmp_path_factory: pytest.TempPathFactory,
-                                                     tmp_path: Path) -> None:
+                                                     ) -> None:
+    mount, tmp_path = apart
     tools = tmp_path_factory.mktemp("tools")
     tools.chmod(0o755)
     tool = script(tools, "greet.sh", 'echo "hello from a tool"\n')

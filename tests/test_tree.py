@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    UID_BASE,
     Mount,
     Store,
     errno_of,
@@ -47,8 +48,8 @@ def refusals(agent: Path) -> list[dict[str, object]]:
 def test_layout(mount: Mount) -> None:
     mp = mount.mp
     assert sh(f"ls {mp}").stdout.split() == ROOT_FILES
-    # For drivers: anyone may read the due alarms; the token hashes are the owner's.
-    assert stat.S_IMODE(os.stat(mp / "alarms").st_mode) == 0o444
+    # For drivers, which run as the owner: no agent reads another's due alarms.
+    assert stat.S_IMODE(os.stat(mp / "alarms").st_mode) == 0o400
     assert stat.S_IMODE(os.stat(mp / "tokens").st_mode) == 0o400
     assert stat.S_IMODE(os.stat(mp / "secrets").st_mode) == 0o600  # lists names, no values
     assert (mp / "alarms").read_text() == (mp / "tokens").read_text() == ""
@@ -79,12 +80,13 @@ def test_ctl_status_fields(mount: Mount) -> None:
     lines = (mount.mp / "alice" / "ctl").read_text().splitlines()
     assert [line.split(" ", 1)[0] for line in lines] == \
         ["npub", "name", "status", "ticks", "pending", "last", "program", "retries", "idle",
-         "alarm", "token", "net", "secret", "tool", "spend"]
+         "alarm", "token", "net", "secret", "tool", "spend", "sandbox", "uid"]
     # Without a program its create trigger cannot run: it stays creating.
     assert mount.status("alice") == {"npub": npub, "name": "alice", "status": "creating",
                                      "ticks": "0", "pending": "0", "last": "-", "program": "-",
                                      "retries": "3", "idle": "30s", "alarm": "-", "token": "-",
-                                     "net": "-", "secret": "-", "tool": "-", "spend": "-"}
+                                     "net": "-", "secret": "-", "tool": "-", "spend": "-",
+                                     "sandbox": "on", "uid": str(UID_BASE)}  # agent 0
     assert mount.status("bob")["program"] == "/bin/sh -c 'echo '\"'\"'hi there'\"'\"''"
 
 
@@ -138,7 +140,8 @@ def test_root_file_names_are_no_agent_names(mount: Mount) -> None:
     assert mount.status("alice")["name"] == "alice"
     assert not any(os.path.islink(mp / name) for name in ROOT_FILES)
     assert (mp / "tokens").read_text() == ""  # still the root's file: no agent has a token
-    why = "the root has a file of that name (reserved: .tick alarms ctl nostr plumb tokens)"
+    why = ("the root has a file of that name (reserved: .tick alarms ctl nostr plumb secrets "
+           "tokens)")
     daemon_log = (mount.store.path / "daemon.log").read_text()
     for name in [*ROOT_FILES, ".tick"]:
         assert f"refused write root ctl: name {name!r}: {why}" in daemon_log, name
