@@ -2,13 +2,15 @@
 """agentfs benchmark: one markdown table, every agentfs figure beside a baseline from the same run.
 
 Rows (issue 2, section 5):
-  ticks   exec ticks/s with 1 agent and with 100 agents; baselines: the same number of
-          `/bin/sh -c 'echo x > FILE'` spawns done one after another by Python's subprocess,
-          and durable LMDB commits/s (py-lmdb, sync=True, one small put per transaction),
-          on the same disk as the store.
+  ticks   exec ticks/s with 1 agent and with 100 agents, sandbox on and sandbox=off (two
+          mounts, best of rounds run on, off, off, on); baselines: sandbox=off, the same
+          number of `/bin/sh -c 'echo x > FILE'` spawns done one after another by Python's
+          subprocess, and durable LMDB commits/s (py-lmdb, sync=True, one small put per
+          transaction), on the same disk as the store.
   wake    wake latency p50/p99: time just before write(2) to an inbox, to the first line
-          of main() of a tiny C program (compiled here with gcc); baseline: the same
-          program started by Python's subprocess (pipes, new session, as the daemon does).
+          of main() of a tiny C program (compiled here with gcc), sandbox on and sandbox=off
+          (two mounts, samples taken in turn); baselines: sandbox=off, and the same program
+          started by Python's subprocess (pipes, new session, as the daemon does).
   state   `state/` create+write+close, stat, open+read+close ops/s by a Python loop of os
           calls, against the same loop on tmpfs, on bindfs over tmpfs and on bench/minifs.py.
   agents  time to create 10,000 agents (`new aN`, one line per write(2), one fd), and the
@@ -34,8 +36,11 @@ Rows (issue 2, section 5):
           encrypt+decrypt/s (100 bytes) against ChaCha20 + HMAC-SHA256 of the same bytes
           without NIP-44's padding, base64 and per-message HKDF (bench/nostr_bench.py).
 
-Everything lives in a temporary directory (the store on the disk of $TMPDIR or --dir, tmpfs
-trees under /dev/shm) and everything is unmounted at the end, error or not.
+Every mount but the sandbox=off ones runs its ticks in the sandbox (agentfs's default), so
+the agents' programs, the wake binary and the fifos live in BASE/shared, given to those
+mounts with `-o shared=` (and open to the agents' uids).  Everything lives in a temporary
+directory (the store on the disk of $TMPDIR or --dir, tmpfs trees under /dev/shm) and
+everything is unmounted at the end, error or not.
 Not a test: no assertions, just the table (stdout) and progress (stderr).
 """
 
@@ -101,6 +106,7 @@ class Sizes:
         self.ticks_one = 30 if quick else 500            # ticks for the 1-agent row
         self.ticks_agents = 100                          # agents for the many-agent row
         self.ticks_per_agent = 3 if quick else 20        # ticks each
+        self.ticks_rounds = 1 if quick else 2            # best of, sandbox on and off each
         self.lines_per_write = 10                        # inbox lines per write(2)
         self.tick_timeout = 60.0 if quick else 150.0
         self.wake_samples = 30 if quick else 200
@@ -141,6 +147,48 @@ def proc_cpu(pid: int) -> tuple[float, float]:
     fields = stat[stat.rfind(b")") + 2:].split()
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
     return (utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK
+
+
+def descendants(pid: int) -> list[int]:
+    """Live processes below `pid` (with the sandbox: bwrap, the zygote, its children)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        children[int(stat[stat.rfind(b")") + 2:].split()[1])].append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def zygote_of(pid: int) -> int | None:
+    """The sandbox's zygote below daemon `pid` (not bwrap, not its forked children)."""
+    found = []
+    for d in descendants(pid):
+        try:
+            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"agentfs.zygote" in argv and not argv[0].endswith(b"bwrap"):
+            found.append(d)
+    return min(found) if found else None  # the children are forked after it
+
+
+def tree_cpu(pid: int, zygote: int | None) -> tuple[float, float, float]:
+    """CPU seconds: (daemon's own, the zygote's own, everything else below the daemon: the
+    programs it reaped, or bwrap and the zygote's children with what they reaped)."""
+    own, reaped = proc_cpu(pid)
+    zygote_own = proc_cpu(zygote)[0] if zygote else 0.0
+    below = reaped + sum(sum(proc_cpu(d)) for d in descendants(pid)) - zygote_own
+    return own, zygote_own, below
 
 
 def proc_rss_mb(pid: int) -> float:
@@ -195,20 +243,46 @@ def stop_pid(pid: int, timeout: float = 20.0) -> None:
             return
 
 
-class AgentfsMount:
-    """A fresh store, mounted by `python -m agentfs mount` (the daemon forks off)."""
+def shared_dir(base: Path) -> Path:
+    """BASE/shared: where agents' programs, the wake binary and its fifos live.  Mounts with
+    the sandbox on (its default) share it with every tick (`-o shared=`), the only way a
+    sandboxed program sees anything outside the system and the mount; open to the agents'
+    uids (and BASE passable), as the tests' Mount.sandbox_args does."""
+    shared = base / "shared"
+    shared.mkdir(exist_ok=True)
+    base.chmod(0o755)
+    shared.chmod(0o777)
+    return shared
 
-    def __init__(self, base: Path, name: str) -> None:
+
+def sandbox_options(shared: Path | None, sandbox: bool = True) -> list[str]:
+    """`-o` words for a mount: sandbox on sharing `shared`, or sandbox=off."""
+    if not sandbox:
+        return ["sandbox=off"]
+    return [f"shared={shared}"] if shared else []
+
+
+def mount_argv(store: Path, mp: Path, options: list[str]) -> list[str]:
+    return [PY, "-m", "agentfs", "mount", "--store", str(store),
+            *(["-o", ",".join(options)] if options else []), str(mp)]
+
+
+class AgentfsMount:
+    """A fresh store, mounted by `python -m agentfs mount` (the daemon forks off); `options`
+    are its `-o` words (see sandbox_options)."""
+
+    def __init__(self, base: Path, name: str, options: list[str] | None = None) -> None:
         self.store = base / f"{name}.store"
         self.mp = base / f"{name}.mnt"
         self.mp.mkdir()
         self.pid: int | None = None
+        self.sandboxed = "sandbox=off" not in (options or [])
         r = subprocess.run([PY, "-m", "agentfs", "init", str(self.store)], env=ENV,
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"agentfs init: {r.stderr.strip()}")
-        r = subprocess.run([PY, "-m", "agentfs", "mount", "--store", str(self.store),
-                            str(self.mp)], env=ENV, capture_output=True, text=True)
+        r = subprocess.run(mount_argv(self.store, self.mp, options or []), env=ENV,
+                           capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"agentfs mount: {r.stderr.strip()}\n{self.daemon_log()}")
         self.pid = int((self.store / "daemon.pid").read_text().split()[0])
@@ -382,10 +456,12 @@ def derive_per_s(n: int) -> float:
 
 class TickRun:
     def __init__(self, ticks: int, seconds: float, complete: bool, daemon_cpu: float,
-                 children_cpu: float) -> None:
+                 zygote_cpu: float, children_cpu: float) -> None:
         self.ticks, self.seconds, self.complete = ticks, seconds, complete
-        self.daemon_cpu, self.children_cpu = daemon_cpu, children_cpu
+        self.daemon_cpu, self.zygote_cpu, self.children_cpu = daemon_cpu, zygote_cpu, \
+            children_cpu
         self.errors, self.first_error = 0, ""
+        self.stuck = self.stuck_before = 0  # agents behind when it timed out (and before)
 
     @property
     def rate(self) -> float:
@@ -426,6 +502,15 @@ def wait_ticks(fs: AgentfsMount, npubs: list[str], expected: int, timeout: float
     return expected * len(npubs), True
 
 
+def behind(fs: AgentfsMount, npubs: list[str], expected: int) -> int:
+    """How many of the agents have fewer than `expected` ticks, or messages pending."""
+    count = 0
+    for npub in npubs:
+        c = fs.ctl(npub)
+        count += int(c["ticks"]) < expected or c["pending"] != "0"
+    return count
+
+
 def tick_errors(fs: AgentfsMount, npubs: list[str]) -> tuple[int, str]:
     """Failed ticks in the agents' logs, and the first error seen."""
     count, example = 0, ""
@@ -450,9 +535,12 @@ def run_ticks(fs: AgentfsMount, tag: str, agents: int, per_agent: int, sizes: Si
     try:
         for fd in fds:  # warm-up: one tick each, after each agent's `create`
             os.write(fd, b"warm-up\n")
-        wait_ticks(fs, npubs, 2, sizes.tick_timeout, 0.01)
-        profiler = Profiler(profile_dir, fs.pid, f"ticks-{agents}")
-        own0, kids0 = proc_cpu(fs.pid)
+        before, warm = wait_ticks(fs, npubs, 2, sizes.tick_timeout, 0.01)
+        stuck_before = 0 if warm else behind(fs, npubs, 2)
+        mode = "on" if fs.sandboxed else "off"
+        profiler = Profiler(profile_dir, fs.pid, f"ticks-{agents}-sandbox-{mode}-{tag}")
+        zygote = zygote_of(fs.pid)
+        own0, zyg0, kids0 = tree_cpu(fs.pid, zygote)
         t0 = time.perf_counter()
         sent = 0
         while sent < per_agent:
@@ -463,34 +551,42 @@ def run_ticks(fs: AgentfsMount, tag: str, agents: int, per_agent: int, sizes: Si
             sent += k
         done, complete = wait_ticks(fs, npubs, 2 + per_agent, sizes.tick_timeout, 0.01)
         elapsed = time.perf_counter() - t0
-        own1, kids1 = proc_cpu(fs.pid)
+        own1, zyg1, kids1 = tree_cpu(fs.pid, zygote)
         notes = profiler.stop()
-        if not complete:
-            done -= 2 * agents  # the create and warm-up ticks
-        run = TickRun(done, elapsed, complete, own1 - own0, kids1 - kids0)
+        # Less the create and warm-up ticks, done before the clock started.
+        run = TickRun(done - before, elapsed, complete, own1 - own0, zyg1 - zyg0,
+                      kids1 - kids0)
         run.errors, run.first_error = tick_errors(fs, npubs)
+        if not complete:
+            run.stuck = behind(fs, npubs, 2 + per_agent)
+            run.stuck_before = stuck_before
         return run, notes
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def compile_wake(base: Path) -> Path | None:
+def compile_wake(shared: Path) -> Path | None:
+    """The wake program, built into the shared directory (the sandbox shows it to ticks)."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         return None
-    src, exe = base / "wake.c", base / "wake"
+    src, exe = shared / "wake.c", shared / "wake"
+    if exe.exists():
+        return exe
     src.write_text(WAKE_C)
     r = subprocess.run([gcc, "-O2", "-o", str(exe), str(src)], capture_output=True, text=True)
     if r.returncode != 0:
         log(f"gcc failed: {r.stderr.strip()}")
         return None
+    exe.chmod(0o755)
     return exe
 
 
 class FifoReader:
     def __init__(self, path: Path) -> None:
         os.mkfifo(path)
+        path.chmod(0o666)  # written by the agents' uids
         # O_RDWR: never EOF between writers, and a writer's open never blocks.
         self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
         self.buffer = b""
@@ -561,12 +657,13 @@ def unmounted_store(base: Path, name: str) -> Path:
     return store
 
 
-def mount_store(base: Path, name: str, store: Path) -> AgentfsMount:
+def mount_store(base: Path, name: str, store: Path, options: list[str]) -> AgentfsMount:
     fs = AgentfsMount.__new__(AgentfsMount)
     fs.store, fs.mp, fs.pid = store, base / f"{name}.mnt", None
+    fs.sandboxed = "sandbox=off" not in options
     fs.mp.mkdir()
-    r = subprocess.run([PY, "-m", "agentfs", "mount", "--store", str(store), str(fs.mp)],
-                       env=ENV, capture_output=True, text=True)
+    r = subprocess.run(mount_argv(store, fs.mp, options), env=ENV, capture_output=True,
+                       text=True)
     if r.returncode != 0:
         raise RuntimeError(f"agentfs mount: {r.stderr.strip()}")
     fs.pid = int((store / "daemon.pid").read_text().split()[0])
@@ -667,14 +764,15 @@ def run_http(fs: AgentfsMount, base: Path, n: int) -> list[tuple[int, float, flo
         http_bench.stop_driver(proc)
 
 
-def local_round_trip(fs: AgentfsMount, base: Path, samples: int) -> list[float]:
-    """The DM benchmark's ping-pong between two agents of one mount: no relay, no driver."""
+def local_round_trip(fs: AgentfsMount, shared: Path, samples: int) -> list[float]:
+    """The DM benchmark's ping-pong between two agents of one mount: no relay, no driver;
+    the programs in the directory shared with the ticks."""
     import nostr_bench
 
     # As the DM benchmark's programs, but a local message is "text", not a "dm".
-    pinger = nostr_bench.write_program(base, "lpinger", nostr_bench.PINGER.replace(
+    pinger = nostr_bench.write_program(shared, "lpinger", nostr_bench.PINGER.replace(
         '"type":"dm"', '"type":"text"'))
-    answerer_program = nostr_bench.write_program(base, "lanswer", nostr_bench.ANSWERER.replace(
+    answerer_program = nostr_bench.write_program(shared, "lanswer", nostr_bench.ANSWERER.replace(
         '"type":"dm"', '"type":"text"'))
     fs.new_agents([f"new lpinger /bin/sh {pinger}\n",
                    f"new lanswerer /bin/sh {answerer_program}\n"])
@@ -726,49 +824,85 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def run_wake(fs: AgentfsMount, exe: Path, base: Path, samples: int,
-             profile_dir: Path | None) -> tuple[list[float], list[float], list[str]]:
-    """Latencies (ms) inbox write -> main(), and write(2) durations (ms)."""
-    fifo = FifoReader(base / "wake.fifo")
-    try:
-        fs.new_agents([f"new waker {exe} {base / 'wake.fifo'}\n"])
-        npub = fs.npub("waker")
-        wait_for(lambda: fs.ctl(npub)["ticks"] == "1", 30)  # its `create`
-        fd = os.open(fs.mp / npub / "inbox", os.O_WRONLY)
-        assert fs.pid is not None
-        profiler: Profiler | None = None
-        latencies: list[float] = []
-        writes: list[float] = []
-        try:
-            warm = 5
-            for i in range(warm + samples):
-                if i == warm:
-                    profiler = Profiler(profile_dir, fs.pid, "wake")
-                fifo.drain()
-                t0 = time.time_ns()
-                os.write(fd, b"w\n")
-                t1 = time.time_ns()
-                started = fifo.next_ns()
-                if started is None:
-                    raise RuntimeError(f"wake: program did not start\n{fs.daemon_log()}")
-                # Sequential: the tick must be committed before the next write.
-                def committed(i: int = i) -> bool:
-                    return fs.ctl(npub)["ticks"] == str(i + 2)
+class Waker:
+    """One agent whose program is the wake binary, on one mount, reporting into a fifo."""
 
-                if not wait_for(committed, 30, 0.0005):
-                    raise RuntimeError(f"wake: tick {i + 1} did not finish")
-                if i >= warm:
-                    latencies.append((started - t0) / 1e6)
-                    writes.append((t1 - t0) / 1e6)
-        finally:
-            os.close(fd)
-        notes = profiler.stop() if profiler else []
-        errors, example = tick_errors(fs, [npub])
-        if errors:
-            notes.append(f"wake: {errors} failed tick(s) (retried), e.g. {example}")
-        return latencies, writes, notes
+    def __init__(self, fs: AgentfsMount, label: str, exe: Path, shared: Path) -> None:
+        self.fs, self.label = fs, label
+        path = shared / f"wake-{label}.fifo"
+        self.fifo = FifoReader(path)
+        try:
+            fs.new_agents([f"new waker {exe} {path}\n"])
+            self.npub = fs.npub("waker")
+            wait_for(lambda: fs.ctl(self.npub)["ticks"] == "1", 30)  # its `create`
+            self.fd = os.open(fs.mp / self.npub / "inbox", os.O_WRONLY)
+        except BaseException:
+            self.fifo.close()
+            raise
+        self.sent = 0
+        self.latencies: list[float] = []
+        self.writes: list[float] = []
+
+    def sample(self, keep: bool) -> None:
+        """One trigger: write(2) to the inbox, the program's main() reports its clock."""
+        self.fifo.drain()
+        t0 = time.time_ns()
+        os.write(self.fd, b"w\n")
+        t1 = time.time_ns()
+        self.sent += 1
+        started = self.fifo.next_ns()
+        if started is None:
+            raise RuntimeError(f"wake ({self.label}): program did not start\n"
+                               f"{self.fs.daemon_log()}")
+        # Sequential: the tick must be committed before the next write.
+        def committed(expected: str = str(self.sent + 1)) -> bool:
+            return self.fs.ctl(self.npub)["ticks"] == expected
+
+        if not wait_for(committed, 30, 0.0005):
+            raise RuntimeError(f"wake ({self.label}): tick {self.sent} did not finish\n"
+                               f"{self.fs.daemon_log()}")
+        if keep:
+            self.latencies.append((started - t0) / 1e6)
+            self.writes.append((t1 - t0) / 1e6)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.fifo.close()
+
+
+def run_wake(mounts: dict[str, AgentfsMount], exe: Path, shared: Path, samples: int,
+             profile_dir: Path | None) -> tuple[dict[str, Waker], list[str]]:
+    """Latencies (ms) inbox write -> main(), and write(2) durations (ms), on each mount:
+    samples taken in turn (one here, one there, the order swapped every round), so that
+    whatever else the machine does weighs on every mount alike."""
+    wakers: dict[str, Waker] = {}
+    profilers: list[Profiler] = []
+    notes: list[str] = []
+    try:
+        for label, fs in mounts.items():
+            wakers[label] = Waker(fs, label, exe, shared)
+        warm = 5
+        order = list(wakers.values())
+        for i in range(warm + samples):
+            if i == warm:
+                profilers = [Profiler(profile_dir, w.fs.pid or 0, f"wake-{w.label}")
+                             for w in order]
+            for w in order if i % 2 == 0 else reversed(order):
+                w.sample(i >= warm)
+        for profiler in profilers:
+            notes += profiler.stop()
+        profilers = []
+        for w in order:
+            errors, example = tick_errors(w.fs, [w.npub])
+            if errors:
+                notes.append(f"wake ({w.label}): {errors} failed tick(s) (retried), "
+                             f"e.g. {example}")
+        return wakers, notes
     finally:
-        fifo.close()
+        for profiler in profilers:
+            profiler.stop()
+        for w in wakers.values():
+            w.close()
 
 
 def run_wake_baseline(exe: Path, base: Path, samples: int) -> list[float]:
@@ -947,67 +1081,125 @@ def main() -> int:
         header.append(f"store and baselines on: {fs_of(base)} ({base}); tmpfs: {shm}")
         for line in header:
             log(line)
-
+        shared = shared_dir(base)
+        on = sandbox_options(shared)
+        header.append(f"sandbox on (the default) unless a row says sandbox=off; agents' "
+                      f"programs and fifos in {shared} (-o shared=)")
 
         if "ticks" in only:
-            fs = AgentfsMount(base, "ticks")
-            undo.append(fs.close)
+            mounts = {}
+            for mode in ("on", "off"):
+                mounts[mode] = AgentfsMount(base, f"ticks-{mode}",
+                                            sandbox_options(shared, mode == "on"))
+                undo.append(mounts[mode].close)
+            # Rounds in the order on, off, off, on, ...: drift weighs on both alike.
+            order = [m for r in range(sizes.ticks_rounds)
+                     for m in (("on", "off") if r % 2 == 0 else ("off", "on"))]
             for agents, per_agent, tag in ((1, sizes.ticks_one, "one"),
                                            (sizes.ticks_agents, sizes.ticks_per_agent, "many")):
                 total = agents * per_agent
-                log(f"ticks: {agents} agent(s) x {per_agent}")
                 log("baseline: durable LMDB commits")
                 commit_rate, _ = lmdb_commits(base, sizes.lmdb_commits)
-                run, prof = run_ticks(fs, tag, agents, per_agent, sizes, profile_dir)
-                notes += prof
+                runs: dict[str, list[TickRun]] = {"on": [], "off": []}
+                for k, mode in enumerate(order):
+                    log(f"ticks: {agents} agent(s) x {per_agent}, sandbox {mode}")
+                    run, prof = run_ticks(mounts[mode], f"{tag}r{k}a", agents, per_agent, sizes,
+                                          profile_dir)
+                    notes += prof
+                    runs[mode].append(run)
                 log(f"baseline: {total} sequential /bin/sh spawns")
                 spawn = spawns_per_s(base, total)
+                best = {m: max(rs, key=lambda r: r.rate) for m, rs in runs.items()}
                 label = f"exec ticks/s, {agents} agent{'s' if agents > 1 else ''} ({total} ticks)"
-                value = fmt_rate(run.rate) + ("" if run.complete else
-                                              f" (timeout: {run.ticks} in {run.seconds:.0f} s)")
                 baseline = (f"sh spawns (sequential) {fmt_rate(spawn)}; "
                             f"LMDB durable commits {fmt_rate(commit_rate)}")
                 target = "≥ 400/s" if agents > 1 else "spawn/commit-bound"
-                meets = ("yes" if run.rate >= 400 else "no") if agents > 1 else "-"
-                rows.append((label, value, baseline, f"{run.rate / spawn:.2f}× spawn",
-                             f"{target} ({meets})"))
-                if run.ticks:
+
+                def value(run: TickRun) -> str:
+                    if run.complete:
+                        return fmt_rate(run.rate)
+                    return (f"{fmt_rate(run.rate)} (timeout: {run.ticks} ticks in "
+                            f"{run.seconds:.0f} s, {run.stuck} agent(s) behind"
+                            + (f", {run.stuck_before} already in the warm-up)"
+                               if run.stuck_before else ")"))
+
+                def meets(run: TickRun, many: bool = agents > 1) -> str:
+                    return ("yes" if run.rate >= 400 else "no") if many else "-"
+
+                boxed, unboxed = best["on"], best["off"]
+                ratio = boxed.rate / unboxed.rate if unboxed.rate else float("nan")
+                rows.append((f"{label}, sandbox on", value(boxed),
+                             f"sandbox=off {fmt_rate(unboxed.rate)}; {baseline}",
+                             f"{ratio:.2f}× sandbox=off (costs {1 - ratio:.0%}); "
+                             f"{boxed.rate / spawn:.2f}× spawn",
+                             f"{target} ({meets(boxed)}); sandbox costs ≤ 15% "
+                             f"({'yes' if ratio >= 0.85 else 'no'})"))
+                rows.append((f"{label}, sandbox=off", value(unboxed), baseline,
+                             f"{unboxed.rate / spawn:.2f}× spawn", f"{target} ({meets(unboxed)})"))
+                if len(order) > 2:
+                    notes.append(f"ticks, {agents} agent(s), best of {sizes.ticks_rounds} "
+                                 "rounds (order " + ", ".join(order) + "): " + "; ".join(
+                                     f"sandbox {m} " + ", ".join(fmt_rate(r.rate) for r in rs)
+                                     for m, rs in runs.items()))
+                for mode, run in best.items():
+                    if not run.ticks:
+                        continue
+                    cpu = (f"zygote {run.zygote_cpu * 1e3 / run.ticks:.2f} ms/tick (own), "
+                           f"{run.children_cpu * 1e3 / run.ticks:.2f} ms/tick (bwrap, the "
+                           "zygote's forked children and the programs)" if mode == "on" else
+                           f"{run.children_cpu * 1e3 / run.ticks:.2f} ms/tick (programs)")
                     notes.append(
-                        f"ticks, {agents} agent(s): daemon CPU "
-                        f"{run.daemon_cpu * 1e3 / run.ticks:.2f} ms/tick (own), "
-                        f"{run.children_cpu * 1e3 / run.ticks:.2f} ms/tick "
-                        f"(programs); {run.seconds:.2f} s wall; failed ticks (retried): "
+                        f"ticks, {agents} agent(s), sandbox {mode}: daemon CPU "
+                        f"{run.daemon_cpu * 1e3 / run.ticks:.2f} ms/tick (own), {cpu}; "
+                        f"{run.seconds:.2f} s wall; failed ticks (retried): "
                         f"{run.errors}" + (f", e.g. {run.first_error}" if run.errors else ""))
-            fs.close()
+            for fs in mounts.values():
+                fs.close()
 
         if "wake" in only:
-            exe = compile_wake(base)
+            exe = compile_wake(shared)
             if exe is None:
                 rows.append(("wake latency", "n/a (no gcc)", "", "", "p50 < 2 ms, p99 < 10 ms"))
             else:
-                fs = AgentfsMount(base, "wake")
-                undo.append(fs.close)
-                log(f"wake: {sizes.wake_samples} samples")
-                lat, writes, prof = run_wake(fs, exe, base, sizes.wake_samples, profile_dir)
+                mounts = {}
+                for mode in ("on", "off"):
+                    mounts[mode] = AgentfsMount(base, f"wake-{mode}",
+                                                sandbox_options(shared, mode == "on"))
+                    undo.append(mounts[mode].close)
+                log(f"wake: {sizes.wake_samples} samples each, sandbox on and off in turn")
+                wakers, prof = run_wake(mounts, exe, shared, sizes.wake_samples, profile_dir)
                 notes += prof
-                fs.close()
+                for fs in mounts.values():
+                    fs.close()
                 log("baseline: the same program from subprocess.Popen")
-                spawn_ms = run_wake_baseline(exe, base, sizes.wake_samples)
+                spawn_ms = run_wake_baseline(exe, shared, sizes.wake_samples)
                 _, commits = lmdb_commits(base, max(200, sizes.wake_samples))
+                boxed_lat, off_lat = wakers["on"].latencies, wakers["off"].latencies
                 for p, target, limit in ((50, "< 2 ms", 2.0), (99, "< 10 ms", 10.0)):
-                    ours = percentile(lat, p)
                     popen, commit = percentile(spawn_ms, p), percentile(commits, p)
-                    rows.append((f"wake latency p{p} (inbox write(2) → main())", fmt_ms(ours),
-                                 f"Python Popen → main() {fmt_ms(popen)} + one durable LMDB "
-                                 f"commit {fmt_ms(commit)}",
-                                 f"{ours / (popen + commit):.1f}×",
-                                 f"{target} ({'yes' if ours < limit else 'no'})"))
-                notes.append(
-                    f"wake: inbox write(2) itself p50 {percentile(writes, 50):.2f} ms, "
-                    f"p99 {percentile(writes, 99):.2f} ms; write return → main() p50 "
-                    f"{percentile([a - b for a, b in zip(lat, writes, strict=True)], 50):.2f} ms; "
-                    f"max {max(lat):.2f} ms, mean {statistics.mean(lat):.2f} ms "
-                    f"({len(lat)} samples)")
+                    spawn_cell = (f"Python Popen → main() {fmt_ms(popen)} + one durable LMDB "
+                                  f"commit {fmt_ms(commit)}")
+                    boxed_ms, off_ms = percentile(boxed_lat, p), percentile(off_lat, p)
+                    added = boxed_ms - off_ms
+                    extra = (f"; sandbox adds ≤ 0.5 ms ({'yes' if added <= 0.5 else 'no'})"
+                             if p == 50 else "")
+                    rows.append((f"wake latency p{p} (inbox write(2) → main()), sandbox on",
+                                 fmt_ms(boxed_ms), f"sandbox=off {fmt_ms(off_ms)}; {spawn_cell}",
+                                 f"{added:+.2f} ms over sandbox=off; "
+                                 f"{boxed_ms / (popen + commit):.1f}× Popen + commit",
+                                 f"{target} ({'yes' if boxed_ms < limit else 'no'}){extra}"))
+                    rows.append((f"wake latency p{p}, sandbox=off", fmt_ms(off_ms), spawn_cell,
+                                 f"{off_ms / (popen + commit):.1f}×",
+                                 f"{target} ({'yes' if off_ms < limit else 'no'})"))
+                for mode, w in wakers.items():
+                    lat, writes = w.latencies, w.writes
+                    notes.append(
+                        f"wake, sandbox {mode}: inbox write(2) itself p50 "
+                        f"{percentile(writes, 50):.2f} ms, p99 {percentile(writes, 99):.2f} ms; "
+                        "write return → main() p50 "
+                        f"{percentile([a - b for a, b in zip(lat, writes, strict=True)], 50):.2f}"
+                        f" ms; max {max(lat):.2f} ms, mean {statistics.mean(lat):.2f} ms "
+                        f"({len(lat)} samples)")
 
         if "state" in only:
             results: dict[str, dict[str, float] | None] = {}
@@ -1045,7 +1237,7 @@ def main() -> int:
                              f"{k} {fmt_rate(flat[k])}" for k in ("create", "stat", "read")))
 
             log("state: agentfs state/")
-            fs = AgentfsMount(base, "state")
+            fs = AgentfsMount(base, "state", on)
             undo.append(fs.close)
             fs.new_agents(["new st\n"])
             state_dir = fs.mp / fs.npub("st") / "state"
@@ -1084,7 +1276,7 @@ def main() -> int:
 
         if "agents" in only:
             n = sizes.agents
-            fs = AgentfsMount(base, "agents")
+            fs = AgentfsMount(base, "agents", on)
             undo.append(fs.close)
             assert fs.pid is not None
             time.sleep(0.5)
@@ -1120,12 +1312,12 @@ def main() -> int:
                          f"left RSS at {rss2:.0f} MB")
 
         if "dormant" in only:
-            exe = compile_wake(base)
-            fifo_path = base / "dormant.fifo"
+            exe = compile_wake(shared)
+            fifo_path = shared / "dormant.fifo"
             fifo = FifoReader(fifo_path)
             undo.append(fifo.close)
             program = [str(exe), str(fifo_path)] if exe else ["/bin/true"]
-            empty = mount_store(base, "empty", unmounted_store(base, "empty"))
+            empty = mount_store(base, "empty", unmounted_store(base, "empty"), on)
             undo.append(empty.close)
             assert empty.pid is not None
             time.sleep(0.5)  # the daemon settles after mounting
@@ -1135,7 +1327,7 @@ def main() -> int:
                 store = unmounted_store(base, f"dormant{n}")
                 log(f"dormant: writing {n:,} dormant agents into a store")
                 filled = fill_dormant(store, n, program)
-                fs = mount_store(base, f"dormant{n}", store)
+                fs = mount_store(base, f"dormant{n}", store, on)
                 undo.append(fs.close)
                 assert fs.pid is not None
                 time.sleep(0.5)  # the daemon settles after mounting
@@ -1165,7 +1357,7 @@ def main() -> int:
                 fs.close()
 
         if "plumb" in only:
-            fs = AgentfsMount(base, "plumb")
+            fs = AgentfsMount(base, "plumb", on)
             undo.append(fs.close)
             log(f"plumb: {sizes.plumb_messages} messages")
             routed, direct = run_plumb(fs, sizes.plumb_messages)
@@ -1177,23 +1369,23 @@ def main() -> int:
         if "alarm" in only:
             import timer_bench
 
-            fs = AgentfsMount(base, "alarm")
+            fs = AgentfsMount(base, "alarm", on)
             undo.append(fs.close)
             log(f"alarm: {sizes.alarm_samples} firings")
-            pairs = timer_bench.alarm_samples(fs.mp, sizes.alarm_samples)
+            pairs = timer_bench.alarm_samples(fs.mp, sizes.alarm_samples, shared)
             fs.close()
             spawned = timer_bench.sleep_and_spawn_lateness(sizes.alarm_samples)
             for p in (50, 99):
                 commit = percentile([c for c, _ in pairs], p)
-                started = percentile([s for _, s in pairs], p)
+                to_program = percentile([s for _, s in pairs], p)
                 own = percentile(spawned, p)
                 rows.append((f"alarm lateness p{p}: due → inbox commit; → program start",
-                             f"{fmt_ms(commit)}; {fmt_ms(started)}",
+                             f"{fmt_ms(commit)}; {fmt_ms(to_program)}",
                              f"sleep until due + start the shell {fmt_ms(own)}",
-                             f"{started / own:.1f}×", "-"))
+                             f"{to_program / own:.1f}×", "-"))
 
         if "http" in only:
-            fs = AgentfsMount(base, "http")
+            fs = AgentfsMount(base, "http", on)
             undo.append(fs.close)
             log(f"http: {sizes.http_posts} POSTs a run")
             for c, posts, direct_rate in run_http(fs, base, sizes.http_posts):
@@ -1207,10 +1399,10 @@ def main() -> int:
             import nostr_bench
 
             log(f"nostr: DM round trip, {sizes.dm_samples} samples")
-            dm = nostr_bench.dm_round_trip(sizes.dm_samples, base=base / "nostr")
-            fs = AgentfsMount(base, "local")
+            dm = nostr_bench.dm_round_trip(sizes.dm_samples, base=base / "nostr", shared=shared)
+            fs = AgentfsMount(base, "local", on)
             undo.append(fs.close)
-            local = local_round_trip(fs, base, sizes.dm_samples)
+            local = local_round_trip(fs, shared, sizes.dm_samples)
             fs.close()
             for p in (50, 99):
                 ours, near = percentile(dm, p), percentile(local, p)

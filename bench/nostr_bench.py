@@ -74,11 +74,13 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str,
 
 
 @contextlib.contextmanager
-def mounted(base: Path, name: str) -> Iterator[Path]:
-    """A fresh store mounted at base/name.mnt; unmounted (and its daemon gone) at the end."""
+def mounted(base: Path, name: str, shared: Path) -> Iterator[Path]:
+    """A fresh store mounted at base/name.mnt, sharing `shared` with its sandboxed ticks;
+    unmounted (and its daemon gone) at the end."""
     store, mp = base / f"{name}.store", base / f"{name}.mnt"
     mp.mkdir()
-    for argv in (["init", str(store)], ["mount", "--store", str(store), str(mp)]):
+    for argv in (["init", str(store)],
+                 ["mount", "--store", str(store), "-o", f"shared={shared}", str(mp)]):
         done = subprocess.run([PY, "-m", "agentfs", *argv], env=ENV, capture_output=True,
                               text=True, timeout=60)
         if done.returncode != 0:
@@ -133,24 +135,32 @@ def write_program(base: Path, name: str, text: str) -> str:
 # -- the figures ---------------------------------------------------------------------------
 
 
-def dm_round_trip(samples: int = 30, warmup: int = 3, base: Path | None = None) -> list[float]:
+def dm_round_trip(samples: int = 30, warmup: int = 3, base: Path | None = None,
+                  shared: Path | None = None) -> list[float]:
     """Milliseconds from `wake` on A's agent to A's agent running with B's answer, each DM
     a NIP-17 gift wrap signed in the daemons and carried by two agentfs-nostr drivers
-    through one local relay."""
+    through one local relay.  The agents' programs live in `shared` (default BASE/shared),
+    which both mounts share with their sandboxed ticks; the pinger writes beside itself."""
     from relay import Relay  # tests/relay.py: nostr-relay as a child process
 
     with contextlib.ExitStack() as stack:
         if base is None:
             base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nostr-bench-")))
+        base.mkdir(exist_ok=True)
+        if shared is None:
+            shared = base / "shared"
+            shared.mkdir(exist_ok=True)
+            base.chmod(0o755)
+            shared.chmod(0o777)
         relay = stack.enter_context(Relay(base / "relay"))
-        a = stack.enter_context(mounted(base, "a"))
-        b = stack.enter_context(mounted(base, "b"))
+        a = stack.enter_context(mounted(base, "a", shared))
+        b = stack.enter_context(mounted(base, "b", shared))
         for mp in (a, b):
             (mp / "plumb" / "rules").write_text(RULES)
             (mp / "nostr" / "relays").write_text(relay.url + "\n")
-        pinger = write_program(base, "pinger", PINGER)
+        pinger = write_program(shared, "pinger", PINGER)
         new_agent(a, "pinger", pinger)
-        answerer = new_agent(b, "answerer", write_program(base, "answerer", ANSWERER))
+        answerer = new_agent(b, "answerer", write_program(shared, "answerer", ANSWERER))
         stack.enter_context(driver(a, base / "a-driver.log"))
         stack.enter_context(driver(b, base / "b-driver.log"))
         got = Path(pinger + ".got")

@@ -3,7 +3,7 @@
 drivers/timer.py running against a mount (and, beside it, to the inbox commit).
 
 `python3 bench/timer_bench.py [--samples N]` mounts a temporary store and prints p50/p99;
-bench.py calls `alarm_lateness` for its table.
+bench.py calls `alarm_samples` for its table.
 """
 
 from __future__ import annotations
@@ -63,15 +63,17 @@ def _seen(agent: Path) -> list[tuple[float, dict[str, object]]]:
     return out
 
 
-def alarm_samples(mountpoint: Path, samples: int,
+def alarm_samples(mountpoint: Path, samples: int, shared: Path,
                   timeout: float = 300) -> list[tuple[float, float]]:
     """(due to inbox commit, due to program start) in ms, one pair per alarm fired.
 
     AGENTS agents get `alarm every 1s`, set a tenth of a second apart so that no two fall
     due together, and agentfs-timer fires them until `samples` firings reached programs.
-    The commit is the queued message's `time`, to the millisecond.
+    The commit is the queued message's `time`, to the millisecond.  The program lives in
+    `shared`, a directory the mount shares with its sandboxed ticks (`-o shared=`).
     """
-    with tempfile.TemporaryDirectory(prefix="timer-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="timer-bench-", dir=shared) as tmp:
+        os.chmod(tmp, 0o755)  # the agents' uids read the program
         program = Path(tmp) / "seen.sh"
         program.write_text(PROGRAM)
         tag = f"late{os.getpid()}x{time.monotonic_ns() % 10**6}"
@@ -111,9 +113,9 @@ def alarm_samples(mountpoint: Path, samples: int,
         return pairs[:samples]
 
 
-def alarm_lateness(mountpoint: Path, samples: int) -> list[float]:
+def alarm_lateness(mountpoint: Path, samples: int, shared: Path) -> list[float]:
     """Milliseconds from each alarm's due time to its program seeing the trigger."""
-    return [program for _commit, program in alarm_samples(mountpoint, samples)]
+    return [program for _commit, program in alarm_samples(mountpoint, samples, shared)]
 
 
 def sleep_and_spawn_lateness(samples: int) -> list[float]:
@@ -134,12 +136,13 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=200)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench import AgentfsMount, percentile
+    from bench import AgentfsMount, percentile, sandbox_options, shared_dir
 
     with tempfile.TemporaryDirectory(prefix="timer-bench-") as base:
-        fs = AgentfsMount(Path(base), "timer")
+        shared = shared_dir(Path(base))
+        fs = AgentfsMount(Path(base), "timer", sandbox_options(shared))
         try:
-            pairs = alarm_samples(fs.mp, args.samples)
+            pairs = alarm_samples(fs.mp, args.samples, shared)
         finally:
             fs.close()
     commits = [c for c, _p in pairs]
