@@ -96,6 +96,36 @@ def seccomp_filter() -> seccomp.SyscallFilter:
     return f
 
 
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def compiled(f: seccomp.SyscallFilter) -> bytes:
+    """The filter as BPF, compiled once (libseccomp compiles anew at every load)."""
+    read_end, write_end = os.pipe()
+    try:
+        with os.fdopen(write_end, "wb") as out:
+            f.export_bpf(out)
+        with os.fdopen(read_end, "rb") as source:
+            read_end = -1
+            return source.read()
+    finally:
+        if read_end >= 0:
+            os.close(read_end)
+
+
+def load_compiled(program: bytes) -> None:
+    """Install a filter from `compiled` (8 bytes an instruction) in this thread."""
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"seccomp: {os.strerror(code)}")
+
+
 def drop_bounding_set() -> None:
     """Empty the capability bounding set: nothing the tick execs can gain one."""
     try:

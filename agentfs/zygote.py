@@ -71,7 +71,7 @@ class Zygote:
         self.tmp_pins: list[str] = config["tmp_pins"]  # paths under /tmp a tick must still see
         self.tmp_size: int = config["tmp_size"]
         self.writable: list[str] = config["writable"]
-        self.filter = confine.seccomp_filter()
+        self.filter = confine.compiled(confine.seccomp_filter())
         self.idle: set[int] = set()  # forked ahead, no job yet
         self.running: set[int] = set()  # took a job: their exit is reported
         self.taken_r, self.taken_w = os.pipe()
@@ -143,7 +143,7 @@ class Zygote:
         # Landlock's rules name inodes, not paths: made after this child's own /tmp.
         ruleset = confine.landlock_ruleset(self.writable)
         confine.drop_bounding_set()
-        self.filter.load()
+        confine.load_compiled(self.filter)
         # The job: who the program runs as comes with it.
         data, fds, _flags, _addr = socket.recv_fds(self.spawn, MAX_MESSAGE, 3 + MAX_TOOLS)
         job: dict[str, Any] = json.loads(data)
