@@ -133,11 +133,19 @@ async def _main(runtime: Runtime) -> None:
         nursery.cancel_scope.cancel()
 
 
-def _stop(runtime: Runtime) -> None:
-    """End the mount: first every tick's processes (rolled back, as by a crash), so that
-    none waits in a request that only this daemon could answer; then the FUSE loop."""
+STOP_WAIT = 5.0  # seconds the FUSE loop goes on serving the killed ticks, at most
+
+
+async def _stop(runtime: Runtime) -> None:
+    """End the mount: first every tick's processes (rolled back, as by a crash), then the
+    FUSE loop, once the ticks have ended.  A killed process flushes the files of the mount
+    it had open on its way out and waits for the answer, which only this loop gives; and
+    once the loop is told to end, a request it has already read is dropped unanswered."""
     runtime.plumbing.close()
     runtime.engine.stop()
+    with trio.move_on_after(STOP_WAIT):
+        while runtime.engine.running:
+            await trio.sleep(0.01)
     pyfuse3.terminate()
 
 
@@ -145,7 +153,7 @@ async def _terminate_on_signals(runtime: Runtime) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
-            _stop(runtime)
+            await _stop(runtime)
             return
 
 
@@ -160,7 +168,7 @@ async def _watch_unmount(runtime: Runtime) -> None:
         await trio.sleep(UNMOUNT_POLL)
         if not _mounted_here(runtime.engine.mountpoint):
             log.info("%s: no longer mounted here (umount): stopping", runtime.engine.mountpoint)
-            _stop(runtime)
+            await _stop(runtime)
             return
 
 

@@ -155,7 +155,7 @@ class Sandbox:
         self._jobs: dict[int, SandboxedProgram] = {}
         self._by_pid: dict[int, SandboxedProgram] = {}
         self._next_job = 1
-        self._process: trio.Process | None = None
+        self._process: subprocess.Popen[bytes] | None = None
 
     def agent_of_uid(self, uid: int) -> int | None:
         """The agent whose tick runs as `uid`, or None for a uid no agent has."""
@@ -195,9 +195,12 @@ class Sandbox:
         control.send(json.dumps(config).encode())
         env = {"PATH": BASE_PATH, "LANG": "C.UTF-8"}
         child_fds = (control_child.fileno(), spawn_child.fileno())
-        process = await trio.lowlevel.open_process(
-            [*self._bwrap_argv(detach), *map(str, child_fds)], env=env,
-            stdin=subprocess.DEVNULL, pass_fds=child_fds)
+        # Started from this (the main) thread, not one of trio's workers: bwrap's
+        # --die-with-parent is tied to the thread that forked it, and trio ends idle
+        # worker threads after a while, which would end the sandbox with them.
+        process = subprocess.Popen([*self._bwrap_argv(detach), *map(str, child_fds)],
+                                   env=env, stdin=subprocess.DEVNULL, pass_fds=child_fds)
+        process_fd = os.pidfd_open(process.pid)
         control_child.close()
         spawn_child.close()
         self._process = process
@@ -218,7 +221,9 @@ class Sandbox:
                 self._control.close()
                 spawn.close()
                 process.kill()
-                await process.wait()
+                await trio.lowlevel.wait_readable(process_fd)
+                process.wait()
+                os.close(process_fd)
                 for program in self._jobs.values():
                     program.returncode = -signal.SIGKILL
                     program._started.set()

@@ -58,10 +58,13 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int,
 
 def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
     data = json.dumps(message, separators=(",", ":")).encode()
-    if fds:
-        socket.send_fds(sock, [data], fds)
-    else:
-        sock.send(data)
+    try:
+        if fds:
+            socket.send_fds(sock, [data], fds)
+        else:
+            sock.send(data)
+    except (BrokenPipeError, ConnectionResetError):
+        os._exit(0)  # the daemon is gone, and the sandbox ends with it
 
 
 class Zygote:
@@ -146,6 +149,8 @@ class Zygote:
         confine.load_compiled(self.filter)
         # The job: who the program runs as comes with it.
         data, fds, _flags, _addr = socket.recv_fds(self.spawn, MAX_MESSAGE, 3 + MAX_TOOLS)
+        if not data:
+            os._exit(0)  # the daemon is gone: no job will come
         job: dict[str, Any] = json.loads(data)
         os.write(self.taken_w, os.getpid().to_bytes(4, "little"))
         try:
@@ -217,10 +222,11 @@ class Zygote:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
-                return
+                info = None
             if info is None:
-                return
+                break
             pid = info.si_pid
+            self._taken()  # it may have taken a job since the last look
             uid = _uid_of(pid)
             _pid, status = os.waitpid(pid, 0)
             if pid in self.running:
@@ -230,7 +236,7 @@ class Zygote:
                 send(self.control, {"exit": pid, "status": status})
             elif pid in self.idle:
                 self.idle.discard(pid)
-                self.fork_ahead()
+        self.fork_ahead()  # children that took jobs, or died, are replaced
 
 
 SYS_MOVE_MOUNT, MOVE_MOUNT_F_EMPTY_PATH = 429, 0x4
