@@ -235,7 +235,7 @@ def run_round(make_mount: MountFactory, tmp_path: Path, way: str, number: int,
     if way.startswith("SIG"):
         assert f"signal {getattr(signal, way).value}: unmounting" in said
     else:
-        assert f"{mount.mp} : no longer mounted here (umount): stopping" in said
+        assert f"{mount.mp}: no longer mounted here (umount): stopping" in said
 
     # Mounted again, every trigger is still there for its first attempt, and its rerun
     # commits; nothing the killed ticks wrote or printed was kept.
