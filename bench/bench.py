@@ -170,16 +170,25 @@ def descendants(pid: int) -> list[int]:
 
 
 def zygote_of(pid: int) -> int | None:
-    """The sandbox's zygote below daemon `pid` (not bwrap, not its forked children)."""
-    found = []
+    """The sandbox's zygote below daemon `pid`: the process bwrap started (its forked
+    children run the same command line, but below it)."""
+    def argv(p: int) -> list[bytes]:
+        try:
+            return Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return []
+
     for d in descendants(pid):
         try:
-            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{d}/stat").read_bytes()
         except OSError:
             continue
-        if b"agentfs.zygote" in argv and not argv[0].endswith(b"bwrap"):
-            found.append(d)
-    return min(found) if found else None  # the children are forked after it
+        parent = argv(int(stat[stat.rfind(b")") + 2:].split()[1]))
+        own = argv(d)
+        if b"agentfs.zygote" in own and not own[0].endswith(b"bwrap") and parent and \
+                parent[0].endswith(b"bwrap"):
+            return d
+    return None
 
 
 def tree_cpu(pid: int, zygote: int | None) -> tuple[float, float, float]:
