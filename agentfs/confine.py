@@ -50,6 +50,10 @@ class Limits:
             resource.setrlimit(which, (value, value))
 
 
+def landlock_abi() -> int:
+    return int(landlock.abi_version())
+
+
 def landlock_ruleset(writable: list[str]) -> landlock.Ruleset:
     """Read and execute everything the mount view shows; write only beneath `writable`
     (the agentfs mount, /tmp, /dev); TCP only to the proxy, bind nothing; abstract Unix

@@ -74,6 +74,9 @@ class Zygote:
         self.tmp_pins: list[str] = config["tmp_pins"]  # paths under /tmp a tick must still see
         self.tmp_size: int = config["tmp_size"]
         self.writable: list[str] = config["writable"]
+        # landlockpy finds libc with ctypes.util.find_library (which runs ldconfig) at its
+        # first call: make that call here, once, not in every child.
+        confine.landlock_abi()
         self.filter = confine.compiled(confine.seccomp_filter())
         self.idle: set[int] = set()  # forked ahead, no job yet
         self.running: set[int] = set()  # took a job: their exit is reported
