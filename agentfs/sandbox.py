@@ -47,10 +47,6 @@ class SandboxUnavailable(Exception):
     """The kernel or the machine cannot enforce the sandbox: ticks are refused."""
 
 
-def uid_of(uid_base: int, index: int) -> int:
-    return uid_base + index
-
-
 def clean_environment(extra: dict[str, str]) -> dict[str, str]:
     env = {"PATH": BASE_PATH, "LANG": "C.UTF-8", "HOME": "/tmp", "TMPDIR": "/tmp"}
     env.update(extra)
@@ -163,7 +159,7 @@ class Sandbox:
         return index if 0 <= index < UID_SPAN else None
 
     def uid(self, index: int) -> int:
-        return uid_of(self.uid_base, index)
+        return self.uid_base + index
 
     def _bwrap_argv(self, detach: list[str]) -> list[str]:
         argv = ["bwrap", "--die-with-parent", "--unshare-pid", "--unshare-net",

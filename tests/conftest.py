@@ -71,8 +71,8 @@ def wait_until(predicate: Callable[[], T | Literal[False] | None], timeout: floa
         time.sleep(0.005)
 
 
-def processes_of(uid: int) -> list[int]:
-    """The live processes (not zombies) that run as `uid`: an agent's, sandboxed."""
+def live_processes(where: Callable[[dict[bytes, bytes]], bool]) -> list[int]:
+    """The live processes (not zombies) whose /proc/PID/status fields satisfy `where`."""
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -82,10 +82,16 @@ def processes_of(uid: int) -> list[int]:
                 status = f.read()
         except OSError:
             continue
-        fields = dict(line.split(b":", 1) for line in status.splitlines() if b":" in line)
-        if int(fields[b"Uid"].split()[0]) == uid and not fields[b"State"].strip().startswith(b"Z"):
+        fields = {k: v.strip() for k, _, v in (line.partition(b":")
+                                                for line in status.splitlines())}
+        if not fields.get(b"State", b"Z").startswith(b"Z") and where(fields):
             found.append(int(name))
     return found
+
+
+def processes_of(uid: int) -> list[int]:
+    """The live processes that run as `uid`: an agent's, sandboxed."""
+    return live_processes(lambda f: int(f[b"Uid"].split()[0]) == uid)
 
 
 def pid_alive(pid: int) -> bool:

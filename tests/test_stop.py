@@ -29,6 +29,7 @@ from conftest import (
     READ_TRIGGER,
     Mount,
     MountFactory,
+    live_processes,
     pid_alive,
     processes_of,
     script,
@@ -122,20 +123,8 @@ def mounted(mp: Path) -> bool:
 
 
 def in_session(sid: int) -> list[int]:
-    """The live processes (not zombies) of session `sid`: an unconfined tick's."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(b")") + 2:].split()
-        if fields[0] != b"Z" and int(fields[3]) == sid:
-            found.append(int(name))
-    return found
+    """The live processes of session `sid`: an unconfined tick's."""
+    return live_processes(lambda f: int(f[b"NSsid"].split()[0]) == sid)
 
 
 class Agents:
