@@ -1,13 +1,13 @@
-"""What a tick may do, as the kernel enforces it: the Landlock ruleset, the seccomp filter,
-the resource limits and the credential drop, applied in the sandbox's forked child.
+"""What a tick may do, as the kernel enforces it: the Landlock masks, the seccomp filter and
+the resource limits.
 
-Nothing here decides *whether* a tick runs sandboxed (that is `sandbox.py`); this module
-only builds the policies once, in the zygote, and applies them in each child before exec.
+Nothing here decides *whether* a tick runs sandboxed (that is `sandbox.py`), and nothing
+here applies a policy: this module builds each once, in the zygote, and `_spawn.c` applies
+them in every child between vfork and exec.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import resource
@@ -19,9 +19,6 @@ import pyseccomp as seccomp
 
 PROXY_PORT = 3128  # where the egress proxy listens inside the sandbox's network namespace
 
-_libc = ctypes.CDLL(None, use_errno=True)
-PR_SET_PDEATHSIG = 1
-PR_CAPBSET_DROP = 24
 CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
 
 # Namespaces a tick may not make: a user namespace gives it capabilities over a new world
@@ -41,36 +38,42 @@ class Limits:
     files: int  # RLIMIT_NOFILE
     file_size: int  # RLIMIT_FSIZE, bytes
 
-    def apply(self) -> None:
-        for which, value in ((resource.RLIMIT_AS, self.memory),
-                             (resource.RLIMIT_NPROC, self.processes),
-                             (resource.RLIMIT_NOFILE, self.files),
-                             (resource.RLIMIT_FSIZE, self.file_size),
-                             (resource.RLIMIT_CORE, 0)):
-            resource.setrlimit(which, (value, value))
+    def rlimits(self) -> list[tuple[int, int]]:
+        """(resource, value) pairs, each set as both the soft and the hard limit."""
+        return [(resource.RLIMIT_AS, self.memory), (resource.RLIMIT_NPROC, self.processes),
+                (resource.RLIMIT_NOFILE, self.files), (resource.RLIMIT_FSIZE, self.file_size),
+                (resource.RLIMIT_CORE, 0)]
 
 
 def landlock_abi() -> int:
     return int(landlock.abi_version())
 
 
-def landlock_ruleset(writable: list[str]) -> landlock.Ruleset:
-    """Read and execute everything the mount view shows; write only beneath `writable`
-    (the agentfs mount, /tmp, /dev); TCP only to the proxy, bind nothing; abstract Unix
-    sockets and signals only within the tick's own domain (each child restricts itself,
-    so each tick is a domain of its own)."""
-    abi = landlock.abi_version()
-    everything = landlock.fs_for_abi(abi)
-    ruleset = landlock.Ruleset(
-        handled_fs=everything,
-        scoped=landlock.Scope.ABSTRACT_UNIX_SOCKET | landlock.Scope.SIGNAL)
-    read = (landlock.AccessFS.READ_FILE | landlock.AccessFS.READ_DIR |
-            landlock.AccessFS.EXECUTE)
-    ruleset.allow_path("/", read)
-    for path in writable:
-        ruleset.allow_path(path, everything)
-    ruleset.allow_port(PROXY_PORT, landlock.AccessNet.CONNECT_TCP)
-    return ruleset
+@dataclass(frozen=True)
+class LandlockPolicy:
+    """The access masks of a tick's Landlock ruleset, which `_spawn` builds in each child:
+    read and execute everything the mount view shows; write only beneath the writable
+    paths (the agentfs mount, /tmp, /dev, shared directories); TCP connect only to the
+    proxy, bind nothing; abstract Unix sockets and signals only within the tick's own
+    domain (each child restricts itself, so each tick is a domain of its own)."""
+
+    fs_all: int  # every filesystem right this kernel handles: granted beneath writable paths
+    fs_read: int  # granted everywhere
+    net_handled: int
+    net_connect: int  # granted for PROXY_PORT only
+    scoped: int
+
+    @classmethod
+    def for_kernel(cls) -> LandlockPolicy:
+        abi = landlock_abi()
+        read = landlock.AccessFS.READ_FILE | landlock.AccessFS.READ_DIR | \
+            landlock.AccessFS.EXECUTE
+        scoped = landlock.Scope.ABSTRACT_UNIX_SOCKET | landlock.Scope.SIGNAL
+        return cls(int(landlock.fs_for_abi(abi)), int(read), int(landlock.net_for_abi(abi)),
+                   int(landlock.AccessNet.CONNECT_TCP), int(scoped & landlock.scope_for_abi(abi)))
+
+    def as_tuple(self) -> tuple[int, int, int, int, int]:
+        return (self.fs_all, self.fs_read, self.net_handled, self.net_connect, self.scoped)
 
 
 def seccomp_filter() -> seccomp.SyscallFilter:
@@ -100,15 +103,9 @@ def seccomp_filter() -> seccomp.SyscallFilter:
     return f
 
 
-PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-
 def compiled(f: seccomp.SyscallFilter) -> bytes:
-    """The filter as BPF, compiled once (libseccomp compiles anew at every load)."""
+    """The filter as BPF, compiled once (libseccomp compiles anew at every load); `_spawn`
+    loads it in each child, last before exec."""
     read_end, write_end = os.pipe()
     try:
         with os.fdopen(write_end, "wb") as out:
@@ -121,32 +118,10 @@ def compiled(f: seccomp.SyscallFilter) -> bytes:
             os.close(read_end)
 
 
-def load_compiled(program: bytes) -> None:
-    """Install a filter from `compiled` (8 bytes an instruction) in this thread."""
-    buffer = ctypes.create_string_buffer(program, len(program))
-    fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
-    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"seccomp: {os.strerror(code)}")
-
-
-def drop_bounding_set() -> None:
-    """Empty the capability bounding set: nothing the tick execs can gain one."""
+def last_cap() -> int:
+    """The highest capability number this kernel knows: the bounding set is emptied up to it."""
     try:
         with open(CAP_LAST_CAP_FILE) as f:
-            last = int(f.read())
+            return int(f.read())
     except OSError:
-        last = 40
-    for cap in range(last + 1):
-        _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
-
-
-def set_parent_death_signal(signum: int) -> None:
-    _libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
-
-
-def become(uid: int, gid: int) -> None:
-    """The agent's own uid and gid, no supplementary groups; capabilities go with root."""
-    os.setgroups([])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
+        return 63

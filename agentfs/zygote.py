@@ -2,18 +2,20 @@
 starts every tick's program.
 
 bwrap builds the shared part once (a PID, network, IPC and UTS namespace; a read-only view
-of the system with the agentfs mount in it).  The zygote keeps a few children forked ahead
-of need, each already in a mount namespace of its own with a fresh /tmp, its capability
-bounding set empty and the seccomp filter loaded.  A tick then costs only what depends on
-its agent: the child that takes the job drops to the agent's uid, applies Landlock and the
-resource limits, and execs.  Forking is done off the tick's path.
+of the system with the agentfs mount in it).  For each tick the zygote calls `_spawn.spawn`,
+which vforks a child that makes its own mount and IPC namespace with a fresh /tmp, empties
+its capability bounding set, drops to the agent's uid, applies the resource limits, Landlock
+and the seccomp filter, and execs, all between vfork and exec with system calls alone.  The
+policies themselves are built once, here, at start.
 
 Wire (SOCK_SEQPACKET, one JSON object a message):
-  daemon -> spawn socket: {"job", "argv", "env", "uid", "limits"} + fds stdin, stdout, stderr
-  child  -> control socket: {"started": job, "pid"} | {"failed": job, "error"}
+  daemon -> spawn socket: {"job", "argv", "env", "uid", "limits", "tools", "cwd"}
+                          + fds stdin, stdout, stderr, then one mount tree per tool
+  zygote -> control socket: {"started": job, "pid"} | {"failed": job, "pid", "error"}
   daemon -> control socket: {"signal": N, "pid": P}        (to P's process group)
   zygote -> control socket: {"exit": P, "status": S}      (after P's uid has no process left)
-  zygote -> control socket, once: {"ready": true, "proxy": true} + the proxy's listening fd
+  zygote -> control socket, once: {"ready": true} + the proxy's listening fd
+A failed job's exit is reported as any other's; one that never had a process has pid 0.
 """
 
 from __future__ import annotations
@@ -28,16 +30,12 @@ import socket
 import sys
 from typing import Any
 
-from . import confine
+from . import _spawn, confine
 
 MAX_MESSAGE = 1 << 20
-POOL = 4  # children kept forked ahead of need
 MAX_TOOLS = 64  # tool paths one agent may hold
 
-CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC = 1, 2, 4, 32, 4096, 8192, \
-    16384
-MS_PRIVATE = 1 << 18
+MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 2, 4, 32, 4096, 16384
 MNT_DETACH = 2
 PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -67,31 +65,33 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
         os._exit(0)  # the daemon is gone, and the sandbox ends with it
 
 
+def candidates(program: str, path: str) -> list[str]:
+    """Where execve(2) should look for `program`, in order, as execvp(3) would."""
+    if "/" in program:
+        return [program]
+    return [os.path.join(d or ".", program) for d in path.split(":")]
+
+
 class Zygote:
     def __init__(self, control: socket.socket, config: dict[str, Any]) -> None:
         self.control = control
         self.spawn = socket.socket(fileno=int(sys.argv[2]))
-        self.tmp_pins: list[str] = config["tmp_pins"]  # paths under /tmp a tick must still see
-        self.tmp_size: int = config["tmp_size"]
         self.writable: list[str] = config["writable"]
-        # landlockpy finds libc with ctypes.util.find_library (which runs ldconfig) at its
-        # first call: make that call here, once, not in every child.
-        confine.landlock_abi()
+        self.tmp_options = f"size={config['tmp_size']},nr_inodes=16384,mode=1777"
+        # Paths under /tmp a tick must still see, each kept at a stash while a child
+        # mounts its own /tmp over them.
+        self.pins = [(f"/run/agentfs/pin{n}", path) for n, path in enumerate(config["tmp_pins"])]
+        self.landlock = confine.LandlockPolicy.for_kernel().as_tuple()
         self.filter = confine.compiled(confine.seccomp_filter())
-        self.idle: set[int] = set()  # forked ahead, no job yet
-        self.running: set[int] = set()  # took a job: their exit is reported
-        self.taken_r, self.taken_w = os.pipe()
-        os.set_blocking(self.taken_r, False)
+        self.last_cap = confine.last_cap()
+        self.running: dict[int, int] = {}  # pid -> uid of each job's process
 
     # -- set-up, once --------------------------------------------------------
 
     def prepare(self, config: dict[str, Any]) -> None:
         _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "subreaper")
         mount(None, "/proc", None, MS_REMOUNT | MS_NOSUID | MS_NODEV, "hidepid=invisible")
-        # The stash: where each pinned path under /tmp is kept while a child mounts its own
-        # /tmp over them (see _own_tmp).
-        for n, path in enumerate(self.tmp_pins):
-            stash = f"/run/agentfs/pin{n}"
+        for stash, path in self.pins:
             os.makedirs(stash, exist_ok=True)
             mount(path, stash, None, MS_BIND | MS_REC)
         # What only the zygote needed (its interpreter and this package, when they live
@@ -101,7 +101,7 @@ class Zygote:
             with contextlib.suppress(OSError):  # and the empty directories bwrap made for it
                 os.removedirs(path)
         # The root stays writable to root alone (mode 0755; Landlock lets no tick write
-        # there): a child makes the mount points of its agent's tools in it.
+        # there): the zygote makes the mount points of agents' tools in it.
         mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
         proxy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         proxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -110,70 +110,50 @@ class Zygote:
         send(self.control, {"ready": True}, [proxy.fileno()])
         proxy.close()
 
-    # -- children --------------------------------------------------------------
+    # -- a job -----------------------------------------------------------------
 
-    def fork_ahead(self) -> None:
-        while len(self.idle) < POOL:
-            pid = os.fork()
-            if pid == 0:
-                code = 127
-                try:
-                    self._child()
-                except BaseException as e:  # noqa: BLE001 - the child must never return
-                    sys.stderr.write(f"agentfs sandbox: {e}\n")
-                finally:
-                    os._exit(code)
-            self.idle.add(pid)
-
-    def _own_tmp(self) -> None:
-        """A mount namespace whose /tmp is a fresh tmpfs, with the pinned paths kept."""
-        # A System V IPC namespace of its own too: shared memory and queues are no channel
-        # between agents.
-        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare")
-        mount(None, "/", None, MS_REC | MS_PRIVATE)
-        for shared in ("/tmp", "/dev/shm"):
-            if os.path.isdir(shared):
-                mount("tmpfs", shared, "tmpfs", MS_NOSUID | MS_NODEV,
-                      f"size={self.tmp_size},nr_inodes=16384,mode=1777")
-        for n, path in enumerate(self.tmp_pins):
-            os.makedirs(path, exist_ok=True)
-            mount(f"/run/agentfs/pin{n}", path, None, MS_BIND | MS_REC)
-
-    def _child(self) -> None:
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.SIG_DFL)
-        self.control.setblocking(True)
-        os.setsid()
-        self._own_tmp()
-        # Landlock's rules name inodes, not paths: made after this child's own /tmp.
-        ruleset = confine.landlock_ruleset(self.writable)
-        confine.drop_bounding_set()
-        confine.load_compiled(self.filter)
-        # The job: who the program runs as comes with it.
+    def _job(self) -> None:
         data, fds, _flags, _addr = socket.recv_fds(self.spawn, MAX_MESSAGE, 3 + MAX_TOOLS)
         if not data:
-            os._exit(0)  # the daemon is gone: no job will come
+            raise SystemExit(0)  # the daemon is gone: no job will come
         job: dict[str, Any] = json.loads(data)
-        os.write(self.taken_w, os.getpid().to_bytes(4, "little"))
+        pid = 0
         try:
-            show_tools(job.get("tools", []), fds[3:])
-            for n, fd in enumerate(fds[:3]):
-                os.dup2(fd, n)
-            for fd in fds:
-                if fd > 2:
-                    os.close(fd)
-            confine.become(job["uid"], job["uid"])
-            confine.Limits(**job["limits"]).apply()
-            ruleset.restrict()
-            os.chdir(job.get("cwd", "/tmp"))
-            send(self.control, {"started": job["job"], "pid": os.getpid()})
-            os.execvpe(job["argv"][0], job["argv"], job["env"])
+            tools: list[str] = job.get("tools", [])
+            if len(fds) != 3 + len(tools):
+                raise ValueError("a job's descriptors do not match its tools")
+            # A tool is a directory or a file: its mount point is made to match.
+            attach = [(path, fd, os.path.isdir(f"/proc/self/fd/{fd}"))
+                      for path, fd in zip(tools, fds[3:], strict=True)]
+            env = job["env"]
+            pid = _spawn.spawn(
+                candidates(job["argv"][0], env.get("PATH", "")), job["argv"],
+                [f"{k}={v}" for k, v in env.items()], tuple(fds[:3]), job["uid"],
+                job["uid"], self.tmp_options, self.pins, attach,
+                self.writable, self.landlock, confine.PROXY_PORT,
+                confine.Limits(**job["limits"]).rlimits(), self.last_cap, self.filter,
+                job.get("cwd", "/tmp"))
+            self.running[pid] = job["uid"]
+            send(self.control, {"started": job["job"], "pid": pid})
         except OSError as e:
-            send(self.control, {"failed": job["job"], "pid": os.getpid(),
-                                "error": f"{e.strerror or e}: {job['argv'][0]}"})
-        except Exception as e:  # noqa: BLE001 - any failure is the job's failure
-            send(self.control, {"failed": job["job"], "pid": os.getpid(), "error": str(e)})
+            # The child, if there was one, has exited 127; its pid rides in e.filename.
+            if isinstance(e.filename, int):
+                pid = e.filename
+                self.running[pid] = job["uid"]
+            error = e.strerror or str(e)
+            if error.startswith("exec:"):
+                error = f"{error.removeprefix('exec: ')}: {job['argv'][0]}"
+            self._failed(job["job"], pid, error)
+        except (ValueError, TypeError, KeyError) as e:
+            self._failed(job["job"], 0, str(e))
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _failed(self, job: int, pid: int, error: str) -> None:
+        send(self.control, {"failed": job, "pid": pid, "error": error})
+        if pid == 0:  # no process: nothing will exit, so say it here
+            send(self.control, {"exit": 0, "status": 127 << 8})
 
     # -- the loop --------------------------------------------------------------
 
@@ -183,35 +163,21 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         selector = selectors.DefaultSelector()
         selector.register(self.control, selectors.EVENT_READ, "control")
+        selector.register(self.spawn, selectors.EVENT_READ, "job")
         selector.register(wake_r, selectors.EVENT_READ, "child")
-        selector.register(self.taken_r, selectors.EVENT_READ, "taken")
-        self.fork_ahead()
         while True:
             for key, _events in selector.select():
-                if key.data == "control":
+                if key.data == "job":
+                    self._job()
+                elif key.data == "control":
                     data = self.control.recv(MAX_MESSAGE)
                     if not data:
                         return  # the daemon is gone
                     self._request(json.loads(data))
-                elif key.data == "taken":
-                    self._taken()
-                    self.fork_ahead()
                 else:
                     while len(os.read(wake_r, 4096)) == 4096:
                         pass
                     self._reap()
-
-    def _taken(self) -> None:
-        """Children that took a job say so (4 bytes, their pid) before anything else."""
-        while True:
-            try:
-                raw = os.read(self.taken_r, 4096)
-            except BlockingIOError:
-                return
-            for i in range(0, len(raw) - 3, 4):
-                pid = int.from_bytes(raw[i:i + 4], "little")
-                self.idle.discard(pid)
-                self.running.add(pid)
 
     def _request(self, request: dict[str, Any]) -> None:
         pid, signum = int(request["pid"]), int(request["signal"])
@@ -220,55 +186,17 @@ class Zygote:
                 os.killpg(pid, signum)
 
     def _reap(self) -> None:
-        self._taken()  # a child that took a job and ended at once is not an idle one
         while True:
             try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                info = None
-            if info is None:
-                break
-            pid = info.si_pid
-            self._taken()  # it may have taken a job since the last look
-            uid = _uid_of(pid)
-            _pid, status = os.waitpid(pid, 0)
-            if pid in self.running:
-                self.running.discard(pid)
-                if uid is not None:
-                    end_uid(uid)
+                return
+            if pid == 0:
+                return
+            uid = self.running.pop(pid, None)
+            if uid is not None:  # a tick's program, not an orphan of one
+                end_uid(uid)
                 send(self.control, {"exit": pid, "status": status})
-            elif pid in self.idle:
-                self.idle.discard(pid)
-        self.fork_ahead()  # children that took jobs, or died, are replaced
-
-
-SYS_MOVE_MOUNT, MOVE_MOUNT_F_EMPTY_PATH = 429, 0x4
-
-
-def show_tools(paths: list[str], fds: list[int]) -> None:
-    """Attach the agent's tools (`grant tool PATH`), each a detached mount tree the daemon
-    cloned (open_tree(2)), read-only at their own paths in this child's mount namespace."""
-    for path, fd in zip(paths, fds, strict=True):
-        if os.path.isdir(f"/proc/self/fd/{fd}"):
-            os.makedirs(path, exist_ok=True)
-        else:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            if not os.path.lexists(path):
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
-        _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", -100, path.encode(),
-                             MOVE_MOUNT_F_EMPTY_PATH), f"move_mount {path}")
-        mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-
-
-def _uid_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def end_uid(uid: int) -> None:
