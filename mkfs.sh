@@ -109,9 +109,10 @@ install_venv() {
 		"$python" -m venv "$venv" || die "could not create the venv $venv"
 	fi
 	venv=$(cd "$venv" && pwd)
-	# Reinstall only when pyproject.toml or the checkout's place changed since the last install.
+	# Reinstall only when pyproject.toml, the C extension or the checkout's place changed since
+	# the last install (an editable install builds agentfs/_spawn.c in place).
 	stamp=$venv/.agentfs-installed
-	want="$root $(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+	want="$root $(cat "$root/pyproject.toml" "$root/agentfs/_spawn.c" | sha256sum | cut -d' ' -f1)"
 	if [ -x "$venv/bin/agentfs" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 		say "venv: agentfs already installed in $venv"
 	else

@@ -22,6 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <stdio.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -89,7 +90,8 @@ struct plan {
     int nlimits;
     int limit_resource[MAX_LIST];
     rlim_t limit_value[MAX_LIST];
-    int last_cap;
+    int nignored;
+    int ignored[MAX_LIST];
     struct sock_fprog filter;
     const char *cwd;
     /* Written by the child on failure (shared memory: the parent reads it after vfork). */
@@ -210,22 +212,19 @@ fail:
 static void child(struct plan *plan) __attribute__((noreturn));
 static void child(struct plan *plan)
 {
-    /* Signals the zygote handles or ignores go back to their defaults (exec keeps an
-     * ignored SIGPIPE ignored otherwise); the mask the parent set is cleared last. */
+    /* Signals the zygote ignores go back to their defaults (exec resets the handled ones,
+     * but would keep an ignored SIGPIPE ignored); the mask the parent set is cleared last. */
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;
-    for (int signum = 1; signum < NSIG; signum++)
-        if (signum != SIGKILL && signum != SIGSTOP)
-            sigaction(signum, &dfl, NULL);
+    for (int i = 0; i < plan->nignored; i++)
+        sigaction(plan->ignored[i], &dfl, NULL);
     STEP("setsid", syscall(SYS_setsid));
     if (own_tmp(plan) < 0)
         goto fail;
     for (int n = 0; n < 3; n++) /* the parent saw to it that each is above 2 */
         STEP("dup2", syscall(SYS_dup3, plan->stdio[n], n, 0));
     STEP("close_range", syscall(SYS_close_range, 3, ~0U, 0));
-    for (int cap = 0; cap <= plan->last_cap; cap++)
-        syscall(SYS_prctl, PR_CAPBSET_DROP, cap, 0, 0, 0);
     STEP("setgroups", syscall(SYS_setgroups, 0, NULL));
     STEP("setresgid", syscall(SYS_setresgid, plan->gid, plan->gid, plan->gid));
     STEP("setresuid", syscall(SYS_setresuid, plan->uid, plan->uid, plan->uid));
@@ -309,29 +308,31 @@ static int string_list(PyObject *sequence, PyObject *keep, const char **out, con
 
 PyDoc_STRVAR(spawn_doc,
 "spawn(candidates, argv, env, stdio, uid, gid, tmp_options, pins, tools, writable,\n"
-"      landlock, proxy_port, limits, last_cap, seccomp, cwd) -> pid\n\n"
+"      landlock, proxy_port, limits, ignored, seccomp, cwd) -> (pid, mount_ns_fd)\n\n"
 "Start a program in a mount and IPC namespace of its own, as uid/gid, confined.\n"
 "candidates: the paths execve(2) tries in turn; env: 'NAME=VALUE' strings; stdio: three\n"
 "descriptors; pins: (from, to) bind mounts made in the fresh /tmp; tools: (path, fd,\n"
 "is_dir) mount trees (open_tree(2)) attached read-only; landlock: (fs_all, fs_read, net_handled,\n"
-"net_connect, scoped); limits: (resource, value) pairs; seccomp: compiled BPF.\n"
+"net_connect, scoped); limits: (resource, value) pairs; ignored: signals the\n"
+"caller ignores, reset to their defaults; seccomp: compiled BPF.  mount_ns_fd holds the\n"
+"child's mount namespace (-1 if it is gone already): close it after reaping the child.\n"
 "Raises OSError naming the step that failed; the child then has exited 127 (reap it).");
 
 static PyObject *spawn(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *candidates_obj, *argv_obj, *env_obj, *pins_obj, *tools_obj, *writable_obj;
-    PyObject *limits_obj;
+    PyObject *limits_obj, *ignored_obj;
     const char *tmp_options, *cwd;
     Py_buffer filter;
     struct plan plan;
     memset(&plan, 0, sizeof plan);
     unsigned long long fs_all, fs_read, net_handled, net_connect, scoped;
     unsigned int uid, gid;
-    if (!PyArg_ParseTuple(args, "OOO(iii)IIsOOO(KKKKK)iOiy*s:spawn", &candidates_obj,
+    if (!PyArg_ParseTuple(args, "OOO(iii)IIsOOO(KKKKK)iOOy*s:spawn", &candidates_obj,
                           &argv_obj, &env_obj, &plan.stdio[0], &plan.stdio[1], &plan.stdio[2],
                           &uid, &gid, &tmp_options, &pins_obj, &tools_obj, &writable_obj,
                           &fs_all, &fs_read, &net_handled, &net_connect, &scoped,
-                          &plan.proxy_port, &limits_obj, &plan.last_cap, &filter, &cwd))
+                          &plan.proxy_port, &limits_obj, &ignored_obj, &filter, &cwd))
         return NULL;
     PyObject *keep = PyList_New(0);
     char **candidates = NULL, **argv = NULL, **envp = NULL;
@@ -433,6 +434,21 @@ static PyObject *spawn(PyObject *Py_UNUSED(self), PyObject *args)
         plan.nlimits = (int)i + 1;
     }
     Py_DECREF(pairs);
+    PyObject *numbers = PySequence_Fast(ignored_obj, "ignored signals");
+    if (numbers == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(numbers); i++) {
+        if (i == MAX_LIST) {
+            PyErr_SetString(PyExc_ValueError, "too many signals");
+            Py_DECREF(numbers);
+            goto done;
+        }
+        plan.ignored[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(numbers, i));
+        plan.nignored = (int)i + 1;
+    }
+    Py_DECREF(numbers);
+    if (PyErr_Occurred())
+        goto done;
     plan.candidates = (const char *const *)candidates;
     plan.argv = argv;
     plan.envp = envp;
@@ -465,7 +481,14 @@ static PyObject *spawn(PyObject *Py_UNUSED(self), PyObject *args)
         }
         goto done;
     }
-    result = PyLong_FromLong(pid);
+    /* The child's mount namespace, held until the caller closes this: otherwise the
+     * namespace (and its /tmp) is torn down in the program's exit, which then waits for
+     * the unmount before its parent hears of it; held, the caller frees it after it has
+     * reported the exit. */
+    char ns_path[64];
+    snprintf(ns_path, sizeof ns_path, "/proc/%d/ns/mnt", (int)pid);
+    int ns = open(ns_path, O_RDONLY | O_CLOEXEC);
+    result = Py_BuildValue("(ii)", (int)pid, ns);
 done:
     PyMem_Free(candidates);
     PyMem_Free(argv);

@@ -114,14 +114,9 @@ class SandboxedProgram:
     stdin_sent: int
     stdout: trio.lowlevel.FdStream
     stderr: trio.lowlevel.FdStream
-    pid: int = 0  # in the sandbox's PID namespace
     returncode: int | None = None
-    error: str | None = None
-    _started: trio.Event = field(default_factory=trio.Event)
+    error: str | None = None  # why the program could not start, said before its exit
     _exited: trio.Event = field(default_factory=trio.Event)
-
-    async def started(self) -> None:
-        await self._started.wait()
 
     async def wait(self) -> int:
         await self._exited.wait()
@@ -129,8 +124,8 @@ class SandboxedProgram:
         return self.returncode
 
     def kill_group(self, signum: int = signal.SIGKILL) -> None:
-        if self.pid and self.returncode is None:
-            self.sandbox.signal(self.pid, signum)
+        if self.returncode is None:
+            self.sandbox.signal(self.job, signum)
 
     async def aclose(self) -> None:
         for stream in (self.stdin, self.stdout, self.stderr):
@@ -149,7 +144,6 @@ class Sandbox:
         self._control: socket.socket | None = None  # non-blocking; trio waits on it
         self._spawn: socket.socket | None = None
         self._jobs: dict[int, SandboxedProgram] = {}
-        self._by_pid: dict[int, SandboxedProgram] = {}
         self._next_job = 1
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -222,7 +216,6 @@ class Sandbox:
                 os.close(process_fd)
                 for program in self._jobs.values():
                     program.returncode = -signal.SIGKILL
-                    program._started.set()
                     program._exited.set()
 
     async def _receive(self) -> tuple[dict[str, Any], list[int]]:
@@ -238,37 +231,27 @@ class Sandbox:
             return json.loads(data), fds
 
     def _dispatch(self, message: dict[str, Any]) -> None:
-        if "started" in message:
-            program = self._jobs.get(message["started"])
-            if program is not None:
-                program.pid = message["pid"]
-                self._by_pid[program.pid] = program
-                program._started.set()
-        elif "failed" in message:
+        if "failed" in message:
             # The child could not become the program; its exit is reported as any other.
             program = self._jobs.get(message["failed"])
             if program is not None:
                 program.error = message["error"]
-                program.pid = message["pid"]
-                self._by_pid[program.pid] = program
-                program._started.set()
         elif "exit" in message:
-            program = self._by_pid.pop(message["exit"], None)
+            program = self._jobs.pop(message["exit"], None)
             if program is not None:
-                self._jobs.pop(program.job, None)
                 program.returncode = os.waitstatus_to_exitcode(message["status"])
                 program._exited.set()
 
-    def signal(self, pid: int, signum: int) -> None:
+    def signal(self, job: int, signum: int) -> None:
         if self._control is not None:
             with contextlib.suppress(OSError):  # the sandbox is gone, its processes with it
-                self._control.send(json.dumps({"signal": signum, "pid": pid}).encode())
+                self._control.send(json.dumps({"signal": signum, "job": job}).encode())
 
     def spawn(self, argv: list[str], env: dict[str, str], uid: int, stdin: bytes,
               tools: list[str] = [],  # noqa: B006 - never changed
               limits: confine.Limits = DEFAULT_LIMITS) -> SandboxedProgram:
-        """Hand a program to the zygote; await `started()` before signalling it.  `tools`
-        are the agent's own tool paths beyond what every tick sees."""
+        """Hand a program to the zygote.  `tools` are the agent's own tool paths beyond
+        what every tick sees."""
         if self._spawn is None:
             raise SandboxUnavailable("the sandbox is not running")
         extra = [t for t in tools if not _covered(t, (*SYSTEM_VIEW, *self.tools))]

@@ -511,7 +511,6 @@ class TickEngine:
                               caps.tools(tick.record))
         except (OSError, ValueError, SandboxUnavailable) as e:
             return f"cannot start program: {e}"
-        await boxed.started()
         return boxed
 
     async def _run_program(self, tick: RunningTick) -> Outcome:

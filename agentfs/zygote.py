@@ -11,11 +11,12 @@ policies themselves are built once, here, at start.
 Wire (SOCK_SEQPACKET, one JSON object a message):
   daemon -> spawn socket: {"job", "argv", "env", "uid", "limits", "tools", "cwd"}
                           + fds stdin, stdout, stderr, then one mount tree per tool
-  zygote -> control socket: {"started": job, "pid"} | {"failed": job, "pid", "error"}
-  daemon -> control socket: {"signal": N, "pid": P}        (to P's process group)
-  zygote -> control socket: {"exit": P, "status": S}      (after P's uid has no process left)
+  zygote -> control socket: {"failed": job, "error"}     (the job's program could not start)
+  daemon -> control socket: {"signal": N, "job": J}       (to J's process group)
+  zygote -> control socket: {"exit": J, "status": S}      (after J's uid has no process left)
   zygote -> control socket, once: {"ready": true} + the proxy's listening fd
-A failed job's exit is reported as any other's; one that never had a process has pid 0.
+A started job gets no message of its own (one hop fewer a tick): its exit says it all.  A
+failed job's exit follows its failure.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import selectors
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from . import _spawn, confine
@@ -37,7 +39,7 @@ MAX_TOOLS = 64  # tool paths one agent may hold
 
 MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 2, 4, 32, 4096, 16384
 MNT_DETACH = 2
-PR_SET_CHILD_SUBREAPER = 36
+PR_SET_CHILD_SUBREAPER, PR_CAPBSET_DROP = 36, 24
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -72,6 +74,13 @@ def candidates(program: str, path: str) -> list[str]:
     return [os.path.join(d or ".", program) for d in path.split(":")]
 
 
+@dataclass(frozen=True)
+class Job:
+    job: int  # the daemon's number for it
+    uid: int
+    namespace: int  # a descriptor holding its mount namespace, or -1
+
+
 class Zygote:
     def __init__(self, control: socket.socket, config: dict[str, Any]) -> None:
         self.control = control
@@ -83,13 +92,23 @@ class Zygote:
         self.pins = [(f"/run/agentfs/pin{n}", path) for n, path in enumerate(config["tmp_pins"])]
         self.landlock = confine.LandlockPolicy.for_kernel().as_tuple()
         self.filter = confine.compiled(confine.seccomp_filter())
-        self.last_cap = confine.last_cap()
-        self.running: dict[int, int] = {}  # pid -> uid of each job's process
+        # exec resets the signals this process handles, not the ones it ignores (SIGPIPE)
+        self.ignored = [int(n) for n in signal.valid_signals()
+                        if signal.getsignal(n) is signal.SIG_IGN]
+        self.running: dict[int, Job] = {}  # by pid
+        self.pids: dict[int, int] = {}  # job -> pid
+        # Jobs come on one socket, signals on another: a signal may overtake its job.
+        self.last_job = 0
+        self.early_signals: dict[int, int] = {}  # job not seen yet -> signal
 
     # -- set-up, once --------------------------------------------------------
 
     def prepare(self, config: dict[str, Any]) -> None:
         _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "subreaper")
+        # An empty bounding set, inherited by every child: nothing a tick execs can gain a
+        # capability.  The zygote keeps the ones it holds, which it needs to set ticks up.
+        for cap in range(confine.last_cap() + 1):
+            _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
         mount(None, "/proc", None, MS_REMOUNT | MS_NOSUID | MS_NODEV, "hidepid=invisible")
         for stash, path in self.pins:
             os.makedirs(stash, exist_ok=True)
@@ -117,7 +136,7 @@ class Zygote:
         if not data:
             raise SystemExit(0)  # the daemon is gone: no job will come
         job: dict[str, Any] = json.loads(data)
-        pid = 0
+        self.last_job = max(self.last_job, job["job"])
         try:
             tools: list[str] = job.get("tools", [])
             if len(fds) != 3 + len(tools):
@@ -126,34 +145,39 @@ class Zygote:
             attach = [(path, fd, os.path.isdir(f"/proc/self/fd/{fd}"))
                       for path, fd in zip(tools, fds[3:], strict=True)]
             env = job["env"]
-            pid = _spawn.spawn(
+            pid, namespace = _spawn.spawn(
                 candidates(job["argv"][0], env.get("PATH", "")), job["argv"],
                 [f"{k}={v}" for k, v in env.items()], tuple(fds[:3]), job["uid"],
                 job["uid"], self.tmp_options, self.pins, attach,
                 self.writable, self.landlock, confine.PROXY_PORT,
-                confine.Limits(**job["limits"]).rlimits(), self.last_cap, self.filter,
+                confine.Limits(**job["limits"]).rlimits(), self.ignored, self.filter,
                 job.get("cwd", "/tmp"))
-            self.running[pid] = job["uid"]
-            send(self.control, {"started": job["job"], "pid": pid})
+            self._track(Job(job["job"], job["uid"], namespace), pid)
         except OSError as e:
-            # The child, if there was one, has exited 127; its pid rides in e.filename.
-            if isinstance(e.filename, int):
-                pid = e.filename
-                self.running[pid] = job["uid"]
             error = e.strerror or str(e)
             if error.startswith("exec:"):
                 error = f"{error.removeprefix('exec: ')}: {job['argv'][0]}"
-            self._failed(job["job"], pid, error)
+            send(self.control, {"failed": job["job"], "error": error})
+            # The child, if there was one, has exited 127; its pid rides in e.filename.
+            if isinstance(e.filename, int):
+                self._track(Job(job["job"], job["uid"], -1), e.filename)
+            else:
+                send(self.control, {"exit": job["job"], "status": 127 << 8})
         except (ValueError, TypeError, KeyError) as e:
-            self._failed(job["job"], 0, str(e))
+            send(self.control, {"failed": job["job"], "error": str(e)})
+            send(self.control, {"exit": job["job"], "status": 127 << 8})
         finally:
             for fd in fds:
                 os.close(fd)
+            self.early_signals.pop(job["job"], None)  # a job that never started
 
-    def _failed(self, job: int, pid: int, error: str) -> None:
-        send(self.control, {"failed": job, "pid": pid, "error": error})
-        if pid == 0:  # no process: nothing will exit, so say it here
-            send(self.control, {"exit": 0, "status": 127 << 8})
+    def _track(self, job: Job, pid: int) -> None:
+        self.running[pid] = job
+        self.pids[job.job] = pid
+        early = self.early_signals.pop(job.job, None)
+        if early is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, early)
 
     # -- the loop --------------------------------------------------------------
 
@@ -180,10 +204,13 @@ class Zygote:
                     self._reap()
 
     def _request(self, request: dict[str, Any]) -> None:
-        pid, signum = int(request["pid"]), int(request["signal"])
-        if pid in self.running:
+        job, signum = int(request["job"]), int(request["signal"])
+        pid = self.pids.get(job)
+        if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signum)
+        elif job > self.last_job and self.early_signals.get(job) != signal.SIGKILL:
+            self.early_signals[job] = signum  # delivered when the job arrives
 
     def _reap(self) -> None:
         while True:
@@ -193,10 +220,27 @@ class Zygote:
                 return
             if pid == 0:
                 return
-            uid = self.running.pop(pid, None)
-            if uid is not None:  # a tick's program, not an orphan of one
-                end_uid(uid)
-                send(self.control, {"exit": pid, "status": status})
+            job = self.running.pop(pid, None)
+            if job is None:
+                continue  # an orphan of a tick, reparented here
+            del self.pids[job.job]
+            if self._orphans():
+                end_uid(job.uid)
+            send(self.control, {"exit": job.job, "status": status})
+            if job.namespace >= 0:
+                os.close(job.namespace)  # its /tmp is unmounted now, after it was reported
+
+    def _orphans(self) -> bool:
+        """Whether any process a tick left behind is still alive.  The zygote is the
+        subreaper of the sandbox: whatever outlives its parent is reparented here, so a
+        process left behind is, or descends from, a child of the zygote's that is not a
+        running program."""
+        try:
+            with open(f"/proc/self/task/{os.getpid()}/children") as f:
+                children = {int(pid) for pid in f.read().split()}
+        except OSError:
+            return True
+        return not children <= self.running.keys()
 
 
 def end_uid(uid: int) -> None:
