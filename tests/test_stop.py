@@ -192,13 +192,9 @@ def run_round(make_mount: MountFactory, tmp_path: Path, way: str, number: int,
     here.mkdir()
     here.chmod(0o777)
     agents = Agents(mount, here, sandboxed)
-    # One agent after the other, each create tick over before the next starts, and (below)
-    # one rerun at a time: the zygote can lose a tick's exit, or its pool of children, when
-    # ticks start while others end (a tick then hangs until the mount ends).  The busy
-    # ticks, the stop and the rollback are what this test is about.
-    for kind, body in BUSY.items():
-        program = script(tmp_path, f"{kind}.sh", PREAMBLE + body)
-        mount.new_agent(kind, program, str(here), kind)
+    for kind, body in BUSY.items():  # their create ticks run at once
+        mount.new_agent(kind, script(tmp_path, f"{kind}.sh", PREAMBLE + body), str(here), kind)
+    for kind in BUSY:
         agents.created(kind)
         (mount.agent(kind) / "state/x").write_text(SEED)
         write_once(mount.agent(kind) / "inbox",
@@ -229,7 +225,6 @@ def run_round(make_mount: MountFactory, tmp_path: Path, way: str, number: int,
     # Mounted again, every trigger is still there for its first attempt, and its rerun
     # commits; nothing the killed ticks wrote or printed was kept.
     (here / "rerun").touch()
-    mount.extra_args = [*args, "-o", "jobs=1"]
     mount.start()
     for kind in BUSY:
         status = mount.wait_ticks(kind, 2, timeout=30)
