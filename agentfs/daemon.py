@@ -16,6 +16,7 @@ import trio
 
 from . import sandbox
 from .fs import AgentFs
+from .notify import ServiceNotifier
 from .runtime import Runtime
 from .store import AgentStore
 
@@ -80,6 +81,8 @@ def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
     """Mount in this process and serve until unmounted; returns an exit status."""
     faulthandler.enable()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agentfs[%(process)d] %(message)s")
+    # First, before any program is started, so that none inherits the socket.
+    notifier = ServiceNotifier()
     # Absolute paths, then cwd "/": the daemon holds no directory busy, and the programs
     # it starts begin there.
     store_path, mountpoint = store_path.resolve(), mountpoint.resolve()
@@ -92,7 +95,7 @@ def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
         store = AgentStore.open(store_path)
         store.lock()
     except Exception as e:  # noqa: BLE001 - every failure to start is reported the same way
-        _report(ready_fd, f"agentfs: {e}")
+        _report(ready_fd, f"agentfs: {e}", notifier)
         return 1
     box = None
     if ours.get("sandbox", "on") == "on":
@@ -107,40 +110,78 @@ def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
         pyfuse3.init(ops, str(mountpoint), fuse_opts)
     except RuntimeError as e:
         store.close()
-        _report(ready_fd, f"agentfs: cannot mount on {mountpoint}: {e}")
+        _report(ready_fd, f"agentfs: cannot mount on {mountpoint}: {e}", notifier)
         return 1
     log.info("mounted %s on %s", store_path, mountpoint)
     _report(ready_fd, None)
     unmount = True
     try:
-        trio.run(_main, runtime)
+        trio.run(_main, runtime, notifier)
     except BaseException:
         unmount = False
         raise
     finally:
+        notifier.stopping("unmounting")
         pyfuse3.close(unmount=unmount)
         store.close()
         log.info("unmounted %s", mountpoint)
+        notifier.close()
     return 0
 
 
-async def _main(runtime: Runtime) -> None:
+async def _main(runtime: Runtime, notifier: ServiceNotifier) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(runtime.run)
-        nursery.start_soon(_terminate_on_signals, runtime)
-        nursery.start_soon(_watch_unmount, runtime)
+        nursery.start_soon(_terminate_on_signals, runtime, notifier)
+        nursery.start_soon(_watch_unmount, runtime, notifier)
+        if notifier.address is not None:
+            nursery.start_soon(_tell_service_manager, runtime, notifier)
         await pyfuse3.main(min_tasks=4, max_tasks=512)
         nursery.cancel_scope.cancel()
+
+
+STATUS_EVERY = 5.0  # seconds between looks at the figures STATUS= shows
+
+
+async def _tell_service_manager(runtime: Runtime, notifier: ServiceNotifier) -> None:
+    """READY=1 once the tree answers, then the watchdog's pings and a STATUS= line whenever
+    the figures change.  Ready means served: mounted is not enough, for the FUSE loop may
+    not be reading requests yet, and what is ordered after us (the drivers) would hang."""
+    mountpoint = runtime.engine.mountpoint
+    try:
+        # A listing is a request only this loop answers (stat may come from the kernel's cache).
+        await trio.to_thread.run_sync(os.listdir, mountpoint, abandon_on_cancel=True)
+    except OSError as e:
+        log.error("%s does not answer (%s): not telling the service manager it is ready",
+                  mountpoint, e.strerror or e)
+        return
+    shown = _status_line(runtime)
+    notifier.ready(shown)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(notifier.keep_watchdog)
+        while not notifier.stopping_sent:
+            await trio.sleep(STATUS_EVERY)
+            line = _status_line(runtime)
+            if line != shown and not notifier.stopping_sent:
+                notifier.status(line)
+                shown = line
+
+
+def _status_line(runtime: Runtime) -> str:
+    figures = runtime.statistics()
+    return (f"serving {figures.agents} agents on {runtime.engine.mountpoint}: "
+            f"{figures.awake} awake, {figures.ticks_running} ticks running")
 
 
 STOP_WAIT = 5.0  # seconds the FUSE loop goes on serving the killed ticks, at most
 
 
-async def _stop(runtime: Runtime) -> None:
+async def _stop(runtime: Runtime, notifier: ServiceNotifier) -> None:
     """End the mount: first every tick's processes (rolled back, as by a crash), then the
     FUSE loop, once the ticks have ended.  A killed process flushes the files of the mount
     it had open on its way out and waits for the answer, which only this loop gives; and
     once the loop is told to end, a request it has already read is dropped unanswered."""
+    notifier.stopping(f"stopping: ending {len(runtime.engine.running)} running ticks")
     runtime.plumbing.close()
     runtime.engine.stop()
     with trio.move_on_after(STOP_WAIT):
@@ -149,18 +190,18 @@ async def _stop(runtime: Runtime) -> None:
     pyfuse3.terminate()
 
 
-async def _terminate_on_signals(runtime: Runtime) -> None:
+async def _terminate_on_signals(runtime: Runtime, notifier: ServiceNotifier) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
-            await _stop(runtime)
+            await _stop(runtime, notifier)
             return
 
 
 UNMOUNT_POLL = 0.25  # seconds
 
 
-async def _watch_unmount(runtime: Runtime) -> None:
+async def _watch_unmount(runtime: Runtime, notifier: ServiceNotifier) -> None:
     """Notice `umount` or `fusermount3 -u` of our mount point.  The sandbox's mount view
     holds the FUSE connection open, so the kernel does not end it when the mount leaves
     this namespace: we must stop by ourselves."""
@@ -168,7 +209,7 @@ async def _watch_unmount(runtime: Runtime) -> None:
         await trio.sleep(UNMOUNT_POLL)
         if not _mounted_here(runtime.engine.mountpoint):
             log.info("%s: no longer mounted here (umount): stopping", runtime.engine.mountpoint)
-            await _stop(runtime)
+            await _stop(runtime, notifier)
             return
 
 
@@ -188,10 +229,14 @@ def become_subreaper() -> None:
         log.warning("prctl(PR_SET_CHILD_SUBREAPER): %s", os.strerror(ctypes.get_errno()))
 
 
-def _report(ready_fd: int | None, error: str | None) -> None:
-    """Tell the parent that waits for us whether the mount is live."""
+def _report(ready_fd: int | None, error: str | None,
+            notifier: ServiceNotifier | None = None) -> None:
+    """Tell the parent that waits for us whether the mount is live (and the service
+    manager why not)."""
     if error is not None:
         print(error, file=sys.stderr)
+        if notifier is not None:
+            notifier.status(error)
     if ready_fd is not None:
         os.write(ready_fd, b"ok\n" if error is None else error.encode() + b"\n")
         os.close(ready_fd)

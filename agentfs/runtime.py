@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 
 import trio
@@ -36,6 +37,13 @@ MAX_HOPS = 16  # agents a message may pass through, each answering the last
 # Bytes of messages the daemon holds for one tick until it commits (what it sent, queued
 # for itself, and its partial lines): as much as it may print on standard output.
 MAX_TICK_MESSAGES = MAX_STDOUT
+
+
+@dataclass(frozen=True)
+class RuntimeStatistics:
+    agents: int  # every agent of the store, asleep or not
+    awake: int  # creating, active, or with a lifecycle trigger to run
+    ticks_running: int
 
 
 class Runtime:
@@ -72,6 +80,11 @@ class Runtime:
             else:
                 await nursery.start(self.egress.run)
             task_status.started()
+
+    def statistics(self) -> RuntimeStatistics:
+        with self.store.read() as txn:
+            return RuntimeStatistics(self.store.count(txn, "agents"),
+                                     self.store.count(txn, "awake"), len(self.engine.running))
 
     @asynccontextmanager
     async def agent_lock(self, index: int) -> AsyncIterator[None]:

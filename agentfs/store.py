@@ -298,6 +298,11 @@ class AgentStore:
         for _key, raw in cursor:
             yield AgentRecord.decode(bytes(raw))
 
+    def count(self, txn: Txn, db_name: str) -> int:
+        """The records in one of the databases (agents, awake...), without reading them."""
+        entries: int = txn.stat(self.db[db_name])["entries"]
+        return entries
+
     def names(self, txn: Txn) -> Iterator[tuple[str, int]]:
         for key, raw in txn.cursor(db=self.db["names"]):
             yield bytes(key).decode(), int.from_bytes(raw, "big")

@@ -31,6 +31,7 @@ import h11
 import trio
 
 from agentfs.inbox import DRIVER_ID_PREFIXES
+from agentfs.notify import ServiceNotifier
 from plumber.message import Message, MessageError, check_attr_name
 
 log = logging.getLogger("agentfs-http")
@@ -323,8 +324,9 @@ class Config:
 class HttpDriver:
     """The server for inbound POSTs and the courier for the plumb port, with one lifetime."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, notifier: ServiceNotifier | None = None) -> None:
         self.config = config
+        self.notifier = notifier or ServiceNotifier({})  # {}: an environment with no socket
         self.mp = config.mountpoint
         self.tokens = Tokens(self.mp / "tokens")
         self.stopping = False
@@ -343,6 +345,7 @@ class HttpDriver:
         log.info("listening on http://%s for %s; delivering plumb/%s to %s", self.address,
                  self.mp, self.config.plumb_port, allow or "nowhere (no --allow)")
         task_status.started(self.address)
+        self.notifier.ready(f"listening on http://{self.address} for {self.mp}")
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as main:
                 main.start_soon(self._wait_signal, main.cancel_scope)
@@ -352,6 +355,7 @@ class HttpDriver:
                     main.start_soon(Courier(self).run)
             # Stopped: no more connections; idle ones close; requests under way get GRACE.
             self.stopping = True
+            self.notifier.stopping(f"stopping: {self.served} connections to finish")
             for scope in self._idle:
                 scope.cancel()
             connections.cancel_scope.deadline = trio.current_time() + GRACE
@@ -840,12 +844,15 @@ def raise_fd_limit(max_connections: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s agentfs-http[%(process)d] %(message)s")
+    notifier = ServiceNotifier()
     config = parse_args(argv)
     raise_fd_limit(config.max_connections)
     try:
-        trio.run(HttpDriver(config).run)
+        trio.run(HttpDriver(config, notifier).run)
     except OSError as e:  # only listening raises outside the nurseries
-        log.error("cannot listen on %s:%d: %s", config.host, config.port, e.strerror or e)
+        message = f"cannot listen on {config.host}:{config.port}: {e.strerror or e}"
+        log.error("%s", message)
+        notifier.status(message)
         return 1
     return 0
 
