@@ -169,8 +169,8 @@ async def _tell_service_manager(runtime: Runtime, notifier: ServiceNotifier) -> 
 
 def _status_line(runtime: Runtime) -> str:
     figures = runtime.statistics()
-    return (f"serving {figures.agents} agents on {runtime.engine.mountpoint}: "
-            f"{figures.awake} awake, {figures.ticks_running} ticks running")
+    return (f"serving {runtime.engine.mountpoint}: agents {figures.agents}, "
+            f"awake {figures.awake}, ticks running {figures.ticks_running}")
 
 
 STOP_WAIT = 5.0  # seconds the FUSE loop goes on serving the killed ticks, at most
