@@ -40,8 +40,8 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 venv=${AGENTFS_VENV:-$root/.venv}
 python=${PYTHON:-python3}
 # Why each is here: mkfs(8). busybox: the tests run timer.sh under its sh; bubblewrap: the
-# tick sandbox (bwrap, once per mount).
-debs=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev jq curl bindfs busybox bubblewrap)
+# tick sandbox (bwrap, once per mount); systemd: the tests check the units with systemd-analyze.
+debs=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev jq curl bindfs busybox bubblewrap systemd)
 # The example agent: counts the triggers it answers in state/count and answers each with one
 # line; it lets its lifecycle triggers (create, wake, sleep...) pass.
 # shellcheck disable=SC2016 # expanded by the agent's /bin/sh, not here
@@ -123,21 +123,25 @@ install_venv() {
 	fi
 }
 
-# mount -t fuse.agentfs runs /sbin/mount.fuse3, which finds `agentfs` on PATH.
-link_command() {
-	local link=/usr/local/bin/agentfs
-	if [ "$(readlink "$link" 2>/dev/null)" = "$venv/bin/agentfs" ]; then
-		return
-	fi
-	if [ -e "$link" ] && [ ! -L "$link" ]; then
-		say "note: $link exists and is not a link; left alone"
-	elif [ -w /usr/local/bin ]; then
-		ln -sfn "$venv/bin/agentfs" "$link"
-		say "linked $link -> $venv/bin/agentfs (for mount -t fuse.agentfs)"
-	else
-		say "note: /usr/local/bin is not writable; for mount -t fuse.agentfs run:"
-		say "      sudo ln -s '$venv/bin/agentfs' $link"
-	fi
+# mount -t fuse.agentfs runs /sbin/mount.fuse3, which finds `agentfs` in /usr/local/bin (mount(8)
+# gives it no PATH); the systemd units (agentfs(8)) find the drivers there too.
+link_commands() {
+	local name link
+	for name in agentfs agentfs-timer agentfs-http agentfs-nostr; do
+		link=/usr/local/bin/$name
+		if [ "$(readlink "$link" 2>/dev/null)" = "$venv/bin/$name" ]; then
+			continue
+		fi
+		if [ -e "$link" ] && [ ! -L "$link" ]; then
+			say "note: $link exists and is not a link; left alone"
+		elif [ -w /usr/local/bin ]; then
+			ln -sfn "$venv/bin/$name" "$link"
+			say "linked $link -> $venv/bin/$name (for mount -t fuse.agentfs and the systemd units)"
+		else
+			say "note: /usr/local/bin is not writable; for mount -t fuse.agentfs and the units run:"
+			say "      sudo ln -s '$venv/bin/$name' $link"
+		fi
+	done
 }
 
 # fuse_mount_state DIR: prints none, live or stale for a FUSE mount at DIR.
@@ -155,7 +159,7 @@ fuse_mount_state() {
 
 install_debs
 install_venv
-link_command
+link_commands
 if [ -n "$deps_only" ]; then
 	say "dependencies installed (--deps-only)"
 	exit 0
