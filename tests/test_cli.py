@@ -1,4 +1,5 @@
-"""The `agentfs` command (agentfs(1)): init, recovery, id, mount and its helper form, shutdown."""
+"""The `agentfs` command (agentfs(1)): init, recovery, id, mount, shutdown (its mount(8) helper
+form, through `mount -t fuse.agentfs` and fstab: test_systemd.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -227,55 +227,6 @@ def test_mount_on_a_live_mount_is_refused(mount: Mount, tmp_path: Path) -> None:
     finally:
         sh(f"umount {plain}")
     assert not (other.path / "daemon.pid").exists()
-
-
-@pytest.fixture(scope="session")
-def agentfs_on_path() -> Iterator[Path]:
-    """/usr/local/bin/agentfs, as mkfs.sh installs it, for mount(8) to find."""
-    link = Path("/usr/local/bin/agentfs")
-    assert CONSOLE_SCRIPT.exists(), CONSOLE_SCRIPT
-    if link.exists() and (not link.is_symlink() or link.resolve() == CONSOLE_SCRIPT.resolve()):
-        yield link  # installed already (by mkfs.sh, or by hand): use it as it is
-        return
-    # Absent, or a link to another (perhaps deleted) venv: point it at ours for the session.
-    original = os.readlink(link) if link.is_symlink() else None
-    staged = link.with_name(f".agentfs-test-{os.getpid()}")
-    staged.symlink_to(CONSOLE_SCRIPT)
-    os.replace(staged, link)
-    try:
-        yield link
-    finally:
-        if original is None:
-            link.unlink()
-        else:
-            staged.symlink_to(original)
-            os.replace(staged, link)
-
-
-def test_mount_t_fuse_agentfs_and_fstab(agentfs_on_path: Path, store: Store,
-                                        tmp_path: Path) -> None:
-    mp = tmp_path / "mnt"
-    mp.mkdir()
-    fstab = tmp_path / "fstab"
-    fstab.write_text(f"{store.path} {mp} fuse.agentfs defaults 0 0\n")
-    served = Mount(store, mp)
-    try:
-        for command in [f"mount -t fuse.agentfs {store.path} {mp}", f"mount -T {fstab} {mp}"]:
-            sh(command)
-            assert os.path.ismount(mp)
-            [line] = [m for m in Path("/proc/mounts").read_text().splitlines()
-                      if m.split()[1] == str(mp)]
-            assert line.split()[:3] == [str(store.path), str(mp), "fuse.agentfs"]
-            served.pid = int((store.path / "daemon.pid").read_text())
-            sh(f"echo 'new via-{len(os.listdir(mp))}' > {mp}/ctl && ls {mp}/via-*/state")
-            sh(f"umount {mp}")
-            wait_until(lambda: not pid_alive(served.pid), 10, "the daemon to exit")
-            assert not os.path.ismount(mp)
-            assert (store.path / "daemon.pid").read_text() == ""
-    finally:
-        served.stop()
-    log = (store.path / "daemon.log").read_text()
-    assert log.count("unmounted") == 2
 
 
 def test_sigterm_unmounts_cleanly_and_the_store_reopens(mount: Mount) -> None:

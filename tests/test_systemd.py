@@ -315,35 +315,43 @@ def test_example_conf_sets_what_the_units_read() -> None:
 
 # Run in a mount namespace of its own: mount(8) hands its helpers no PATH, so mount.fuse3's
 # /bin/sh finds `agentfs` in /usr/local/bin whatever this test's PATH says.  This venv's
-# command is bound over /usr/local/bin there alone, and every mount made stays there.
+# command is bound over /usr/local/bin there alone (never the machine's own link, which
+# other checkouts' tests may use), and every mount made stays there.  Each round mounts,
+# runs a tick of a new agent, unmounts with umount, and sees the daemon gone.
 MOUNT_T = r"""
 set -eu
 mount --bind "$BIN" /usr/local/bin
-mount -t fuse.agentfs -o "$OPTIONS" "$STORE" "$MP"
-pid=$(cat "$STORE/daemon.pid")
-echo "daemon $pid $(tr '\0' ' ' < /proc/$pid/cmdline)"
-grep " $MP fuse.agentfs " /proc/mounts
-printf 'new echo /bin/sh -c %s\n' "'$PROGRAM'" > "$MP/ctl"
-echo hello > "$MP/echo/inbox"
-tries=0
-until jq -e -s 'any(.[]; .data == "notify: unset")' "$MP/echo/outbox" > /dev/null; do
-    tries=$((tries + 1)); [ "$tries" -lt 300 ] || { echo "no answer" >&2; exit 1; }
-    sleep 0.1
-done
-echo answered
-umount "$MP"
-tries=0
-while kill -0 "$pid" 2> /dev/null; do
-    tries=$((tries + 1)); [ "$tries" -lt 300 ] || { echo "the daemon runs on" >&2; exit 1; }
-    sleep 0.1
-done
-if grep -q " $MP " /proc/self/mountinfo; then echo "still mounted" >&2; exit 1; fi
-echo gone
+round() {
+    name=$1; shift
+    "$@"
+    pid=$(cat "$STORE/daemon.pid")
+    echo "daemon $pid $(tr '\0' ' ' < /proc/$pid/cmdline)"
+    grep " $MP fuse.agentfs " /proc/mounts | cut -d' ' -f1-3
+    printf 'new %s /bin/sh -c %s\n' "$name" "'$PROGRAM'" > "$MP/ctl"
+    echo hello > "$MP/$name/inbox"
+    tries=0
+    until jq -e -s 'any(.[]; .data == "notify: unset")' "$MP/$name/outbox" > /dev/null; do
+        tries=$((tries + 1)); [ "$tries" -lt 300 ] || { echo "$name: no answer" >&2; exit 1; }
+        sleep 0.1
+    done
+    echo "$name answered"
+    umount "$MP"
+    tries=0
+    while kill -0 "$pid" 2> /dev/null; do
+        tries=$((tries + 1)); [ "$tries" -lt 300 ] || { echo "the daemon runs on" >&2; exit 1; }
+        sleep 0.1
+    done
+    if grep -q " $MP " /proc/self/mountinfo; then echo "still mounted" >&2; exit 1; fi
+    echo "$name: daemon gone"
+}
+round by-type mount -t fuse.agentfs -o "$OPTIONS" "$STORE" "$MP"
+echo "$STORE $MP fuse.agentfs $OPTIONS 0 0" > "$FSTAB"
+round by-fstab mount -T "$FSTAB" "$MP"
 """
 
 
-def test_mount_t_fuse_agentfs_ticks_and_umount_ends_the_daemon(store: Store,
-                                                               tmp_path: Path) -> None:
+def test_mount_t_fuse_agentfs_and_fstab_tick_and_umount_ends_the_daemon(
+        store: Store, tmp_path: Path) -> None:
     mp = tmp_path / "mnt"
     mp.mkdir()
     bin_dir = tmp_path / "bin"
@@ -351,20 +359,26 @@ def test_mount_t_fuse_agentfs_ticks_and_umount_ends_the_daemon(store: Store,
     (bin_dir / "agentfs").symlink_to(VENV_BIN / "agentfs")
     options = ",".join(["defaults", *Mount(store, mp).sandbox_args()[1:]])
     environment = {**os.environ, "BIN": str(bin_dir), "STORE": str(store.path), "MP": str(mp),
-                   "OPTIONS": options, "PROGRAM": ANSWER_NOTIFY}
+                   "OPTIONS": options, "PROGRAM": ANSWER_NOTIFY,
+                   "FSTAB": str(tmp_path / "fstab")}
     done = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c",
-                           MOUNT_T], capture_output=True, text=True, timeout=120,
+                           MOUNT_T], capture_output=True, text=True, timeout=240,
                           env=environment)
-    pid = next((int(line.split()[1]) for line in done.stdout.splitlines()
-                if line.startswith("daemon ")), 0)
-    if pid and pid_alive(pid):  # the script failed with its daemon running: end it
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not pid_alive(pid), 10, "the daemon to die")
+    pids = [int(line.split()[1]) for line in done.stdout.splitlines()
+            if line.startswith("daemon ")]
+    for pid in pids:  # the script failed with its daemon running: end it
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not any(map(pid_alive, pids)), 10, "the daemons to be gone")
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    # mount.fuse3 ran this venv's command, which ran the daemon with this venv's Python.
-    assert Path(lines[0].split()[2]).parent == VENV_BIN, lines[0]
-    assert lines[1].split()[:3] == [str(store.path), str(mp), "fuse.agentfs"]
-    assert lines[2:] == ["answered", "gone"]
+    assert len(lines) == 8, lines
+    for name, first in (("by-type", 0), ("by-fstab", 4)):
+        # mount.fuse3 ran this venv's command, which ran the daemon with this venv's Python.
+        assert Path(lines[first].split()[2]).parent == VENV_BIN, lines[first]
+        assert lines[first + 1] == f"{store.path} {mp} fuse.agentfs"
+        assert lines[first + 2:first + 4] == [f"{name} answered", f"{name}: daemon gone"]
     log = (store.path / "daemon.log").read_text()
-    assert "no longer mounted here (umount): stopping" in log and "Traceback" not in log
+    assert log.count("no longer mounted here (umount): stopping") == 2
+    assert log.count(f"unmounted {mp}") == 2 and "Traceback" not in log
+    assert (store.path / "daemon.pid").read_text() == ""
