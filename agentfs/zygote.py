@@ -166,7 +166,10 @@ class Zygote:
     # -- a job -----------------------------------------------------------------
 
     def _job(self) -> None:
-        data, fds, _flags, _addr = socket.recv_fds(self.spawn, MAX_MESSAGE, 3 + MAX_TOOLS)
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.spawn, MAX_MESSAGE, 3 + MAX_TOOLS)
+        except ConnectionResetError:
+            data, fds = b"", []
         if not data:
             raise SystemExit(0)  # the daemon is gone: no job will come
         job: dict[str, Any] = json.loads(data)
@@ -247,7 +250,10 @@ class Zygote:
                 if key.data == "job":
                     self._job()
                 elif key.data == "control":
-                    data = self.control.recv(MAX_MESSAGE)
+                    try:
+                        data = self.control.recv(MAX_MESSAGE)
+                    except ConnectionResetError:  # the daemon is gone, its socket reset
+                        data = b""
                     if not data:
                         return  # the daemon is gone
                     self._request(json.loads(data))
