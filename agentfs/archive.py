@@ -203,7 +203,8 @@ def read(source: IO[bytes]) -> Archive:
     for name, wanted in listed.items():
         member = found.get(name)
         if member is None:
-            raise ArchiveError(f"damaged archive: member {name} is missing")
+            raise ArchiveError(f"damaged archive: member {name} is missing (the archive is "
+                               "incomplete: truncated?)")
         got = member.describe()
         if got["type"] != wanted.get("type"):
             raise ArchiveError(f"damaged archive: member {name} is a {got['type']}, "
