@@ -119,7 +119,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             try:
                 private, _security = nip49.decrypt(got.key, passphrase)
             except ValueError as e:
-                raise ArchiveError(f"{archive.KEY_MEMBER}: {e}") from None
+                raise ArchiveError(str(e)) from None
         with store.env.begin(write=True) as txn:
             record = archive.install(store, txn, got, args.name, private)
     finally:
