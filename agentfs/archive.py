@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from . import ctl, errors, keyring
-from .alarms import Alarms
+from .alarms import Alarm, Alarms
 from .identity import npub_decode, npub_encode, public_key
 from .inbox import rfc3339_now
 from .journal import encode_line
@@ -50,6 +50,7 @@ FILES = ("settings.json", "budget.json", "alarm.json", "caps.json", "counters.js
 # The record's fields that go in members of their own, or in the manifest.
 _ELSEWHERE = ("index", "pubkey", "limits", "usage", "alarm", "caps")
 STATUSES = ("creating", "active", "dormant", "failed", "terminated")
+MAX_INDEX = 2**31 - 1  # NIP-06 accounts are hardened indexes, and account 0 is the user's
 
 
 class ArchiveError(Exception):
@@ -216,8 +217,8 @@ def read(source: IO[bytes]) -> Archive:
     if extra:
         raise ArchiveError(f"damaged archive: member {extra[0]} is not in the manifest")
     for name in FILES:
-        if name not in listed:
-            raise ArchiveError(f"damaged archive: the manifest lists no {name}")
+        if listed.get(name, {}).get("type") != "file":
+            raise ArchiveError(f"damaged archive: the manifest lists no file {name}")
     archive = Archive(manifest, {m.name: m.data for m in members[1:]
                                  if m.data is not None and not m.name.startswith(STATE + "/")})
     archive.state = _state(members[1:])
@@ -262,7 +263,7 @@ def _manifest(raw: bytes) -> dict[str, Any]:
     try:
         pubkey = bytes.fromhex(manifest["pubkey"])
         ok = len(pubkey) == 32 and npub_encode(pubkey) == manifest["npub"] and \
-            isinstance(manifest["index"], int) and manifest["index"] >= 0 and \
+            isinstance(manifest["index"], int) and 0 <= manifest["index"] < MAX_INDEX and \
             all(isinstance(m, dict) and isinstance(m.get("name"), str)
                 for m in manifest["members"])
     except (KeyError, TypeError, ValueError):
@@ -381,6 +382,10 @@ def _record(archive: Archive, index: int, name: str | None) -> AgentRecord:
                              alarm=alarm, caps=caps["grants"], **settings)
     except (KeyError, TypeError) as e:
         raise ArchiveError(f"damaged archive: settings, budget or caps: {e}") from None
+    try:
+        Alarm.decode(alarm)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ArchiveError("damaged archive: alarm.json is not an alarm") from None
     ok = record.status in STATUSES and isinstance(record.ticks, int) and \
         (record.program is None or (isinstance(record.program, list) and
                                     all(isinstance(w, str) for w in record.program))) and \

@@ -66,6 +66,8 @@ def _store_of_mount(mountpoint: str) -> Path:
 def cmd_export(args: argparse.Namespace) -> int:
     if args.mountpoint is not None and args.store is not None:
         raise ArchiveError("give --store STORE or MOUNTPOINT, not both")
+    if args.passphrase_fd is not None and not args.with_key:
+        raise ArchiveError("--passphrase-fd is for --with-key: without it no key is written")
     if sys.stdout.isatty():
         raise ArchiveError("standard output is a terminal: redirect the archive to a file "
                            f"(agentfs export {args.name} > {args.name}.tar)")

@@ -8,12 +8,16 @@ whole: the store's every database is the same after as before.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
 import os
+import select
 import subprocess
 import tarfile
+import termios
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -387,6 +391,63 @@ def test_the_key_travels_only_encrypted_and_only_with_its_passphrase(
     assert [k for k, _ in dump(other)["keys"]] == [b"\0\0\0\0"]  # agent 0 here
     raw = (other.path / "data.mdb").read_bytes()  # sealed: not in the file's plain bytes
     assert private not in raw and private.hex().encode() not in raw
+
+
+def on_terminal(argv: list[str], answers: list[str], stdin: Path | None,
+                stdout: Path) -> tuple[int, str]:
+    """Run `argv` in a session whose controlling terminal is a pty, answering each
+    passphrase prompt there in turn; (exit status, what the terminal showed)."""
+    master, slave = os.openpty()
+
+    def take_terminal() -> None:  # after setsid: the pty becomes the session's terminal
+        fcntl.ioctl(2, termios.TIOCSCTTY, 0)
+
+    with open(stdout, "wb") as out, open(stdin or os.devnull, "rb") as into:
+        proc = subprocess.Popen(argv, stdin=into, stdout=out, stderr=slave,
+                                start_new_session=True, preexec_fn=take_terminal)
+    os.close(slave)
+    shown, pending = b"", list(answers)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the last holder of the terminal has gone
+                break
+            if not chunk:
+                break
+            shown += chunk
+            if pending and shown.endswith(b": "):  # a prompt, waiting (getpass flushes
+                # what was typed before it asks, so each answer waits for its prompt)
+                os.write(master, pending.pop(0).encode() + b"\n")
+        return proc.wait(30), shown.decode(errors="replace")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_without_a_passphrase_fd_the_terminal_is_asked(source: Source, tmp_path: Path) -> None:
+    tar = tmp_path / "bob.tar"
+    status, shown = on_terminal([*AGENTFS, "export", "--store", str(source.mount.store.path),
+                                 "--with-key", "bob"], [PASSPHRASE, PASSPHRASE], None, tar)
+    assert status == 0, shown
+    assert "passphrase for the agent's key:" in shown and "the same passphrase again:" in shown
+    assert PASSPHRASE not in shown  # not echoed
+    status, shown = on_terminal([*AGENTFS, "export", "--store", str(source.mount.store.path),
+                                 "--with-key", "bob"], [PASSPHRASE, "other"], None,
+                                tmp_path / "no.tar")
+    assert status == 1 and "the two passphrases differ" in shown
+    other = init_store(tmp_path / "other-store")
+    status, shown = on_terminal([*AGENTFS, "import", "--store", str(other.path), "-"],
+                                [PASSPHRASE], tar, tmp_path / "npub")
+    assert status == 0, shown
+    assert (tmp_path / "npub").read_text().strip() == source.bob
+    assert "its key imported, sealed in the store" in shown
 
 
 def test_export_refuses_a_terminal_an_unknown_agent_and_an_empty_passphrase(
