@@ -16,11 +16,19 @@ from conftest import (
 
 # The example of agentfs(4), SERVED PROGRAMS, with what the tests ask of it: it counts its
 # triggers in state/count and notes its pid in state/pids; `fail`, `die` and `hang` misbehave
-# at a trigger's first attempt; `late` probes the mount after its tick has ended.
+# at a trigger's first attempt; `late` probes the mount and the proxy after its tick ended.
 SERVED_PY = r"""
-import json, os, sys, time
+import json, os, sys, time, urllib.error, urllib.request
 state = os.path.join(os.environ["AGENT_DIR"], "state")
-late = "-"
+late = proxy_late = "-"
+
+def proxy_status():  # through HTTP_PROXY, to a host no grant names
+    try:
+        urllib.request.urlopen("http://example.invalid/", timeout=10)
+        return "200"
+    except urllib.error.HTTPError as e:
+        return str(e.code)
+
 for line in sys.stdin:
     trigger = json.loads(line)
     data, first = trigger.get("data"), trigger.get("attempt") == 1
@@ -30,6 +38,9 @@ for line in sys.stdin:
         open(path, "w").write(str(n + 1))
         open(os.path.join(state, "pids"), "a").write(f"{os.getpid()}\n")
         open(os.path.join(state, "late"), "w").write(late)
+        open(os.path.join(state, "proxy_late"), "w").write(proxy_late)
+        if data == "next":
+            open(os.path.join(state, "proxy_now"), "w").write(proxy_status())
         if first and data == "fail":
             print(json.dumps({"tick": "failed", "error": "asked to"}), flush=True)
             continue
@@ -46,6 +57,7 @@ for line in sys.stdin:
             except OSError as e:
                 late = type(e).__name__
                 break
+        proxy_late = proxy_status()
 """
 
 SERVED_SH = """
@@ -129,6 +141,10 @@ def test_between_ticks_the_mount_refuses_it(mount: Mount, tmp_path: Path) -> Non
     send(mount, "alice", "late", 2)
     send(mount, "alice", "next", 3)  # it reports what its probe after `late` met
     assert (agent / "state/late").read_text() == "PermissionError"
+    # The proxy: 403 for a host it holds no grant for within a tick, 407 (no live token)
+    # between ticks.
+    assert (agent / "state/proxy_now").read_text() == "403"
+    assert (agent / "state/proxy_late").read_text() == "407"
     assert len(set(pids(agent))) == 1
 
 
