@@ -98,6 +98,7 @@ class AgentRecord:
     failed_hook: str | None = None  # the create or wake whose failure failed it: owed again
     idle: float | None = None  # seconds idle before it hibernates (None: the default)
     serve: bool = False  # one long-lived program serves its ticks (served.py)
+    hooks: list[str] | None = None  # the lifecycle triggers that run its program (None: all)
     alarm: dict[str, Any] | None = None  # see alarms.Alarm
     token: str | None = None  # SHA-256 (hex) of the bearer token the HTTP driver checks
     caps: dict[str, list[str]] = field(default_factory=dict)  # granted: see caps.py

@@ -365,6 +365,12 @@ class TickEngine:
         self.runtime.store.put_agent(txn, record)
         return True
 
+    def _skip_hook(self, txn: Txn, index: int, hook: str) -> None:
+        record = self.runtime.store.require_agent(txn, index)
+        if record.hook == hook:
+            lifecycle.finished(record, hook)
+            self.runtime.store.put_agent(txn, record)
+
     def _hibernate(self, txn: Txn, index: int) -> bool:
         """Put an agent that stayed idle to sleep; True if its `sleep` trigger is to run."""
         store = self.runtime.store
@@ -389,6 +395,10 @@ class TickEngine:
                 if await runtime.committer.commit(lambda t: self._drop_hook(t, index)):
                     return Outcome(True)  # look again: the agent may have work
                 return None
+            if hook is not None and not lifecycle.runs_program(record, hook):
+                # Its `hooks` setting leaves this one out: done, without a run.
+                await runtime.committer.commit(lambda t: self._skip_hook(t, index, hook))
+                return Outcome(True)
             if hook is None and record.status != "active":
                 return None
             await runtime.settle(index, locked=True)  # files made outside go in before the tick
