@@ -1,4 +1,5 @@
-"""The `agentfs` command: init, id, mount (and the mount(8) helper form)."""
+"""The `agentfs` command: init, id, mount (and the mount(8) helper form); export and import
+are archive_cli's, nostr is nostr.cli's."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import identity
+from . import archive_cli, identity
+from .archive import ArchiveError
 from .nostr import cli as nostr_cli
 from .store import AgentStore, default_store_path
 
@@ -180,13 +182,14 @@ def parser() -> argparse.ArgumentParser:
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(run=cmd_mount)
 
+    archive_cli.add_parsers(sub)
     nostr_cli.add_parser(sub)
     return p
 
 
 def _helper_form(argv: list[str]) -> list[str]:
     """`agentfs STORE MOUNTPOINT -o OPTS` (mount.fuse's convention) as a mount command."""
-    commands = {"init", "id", "mount", "nostr"}
+    commands = {"init", "id", "mount", "export", "import", "nostr"}
     if len(argv) >= 2 and argv[0] not in commands and not argv[0].startswith("-"):
         return ["mount", "--store", argv[0], argv[1], *argv[2:]]
     return argv
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(_helper_form(sys.argv[1:] if argv is None else argv))
     try:
         status: int = args.run(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ArchiveError) as e:
         print(f"agentfs: {_describe(e)}", file=sys.stderr)
         return 1
     return status

@@ -7,7 +7,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from . import alarms, caps, errors
+from . import alarms, caps, errors, lifecycle
 from .tree import ROOT_FILES
 from .units import parse_duration
 
@@ -46,10 +46,14 @@ class NewAgent:
     name: str
     program: list[str] | None
     grants: list[Command] = field(default_factory=list)  # `grant` lines after its `new`
+    settings: list[Command] = field(default_factory=list)  # `serve`, `hooks`, `idle` after it
 
 
 AGENT_VERBS = {"wake", "program", "name", "sleep", "terminate", "recover", "retries",
-               "checkpoint", "charge", "spend", "alarm", "idle", "token", *caps.VERBS}
+               "checkpoint", "charge", "spend", "alarm", "idle", "serve", "hooks", "token",
+               *caps.VERBS}
+# Settings a root ctl `new` may be followed by, for the agent it makes (as `grant` is).
+NEW_SETTINGS = ("serve", "hooks", "idle")
 # Verbs only a running tick may write, through its own AGENT_DIR/ctl.
 TICK_VERBS = {"checkpoint", "charge", "spend"}
 # Verbs only written from outside the agent: its owner's settings.
@@ -118,6 +122,13 @@ def parse_agent_ctl(data: bytes) -> list[Command]:
             if not rest:
                 raise errors.invalid("ctl: usage: idle DURATION (0 hibernates at once)")
             commands.append(Command(verb, (repr(parse_duration(rest)),)))
+        elif verb == "serve":
+            if rest not in ("on", "off"):
+                raise errors.invalid("ctl: usage: serve on|off (on: one program serves "
+                                     "many ticks)")
+            commands.append(Command(verb, (rest,)))
+        elif verb == "hooks":
+            commands.append(Command(verb, parse_hooks(rest.split())))
         elif verb == "token":
             # Only the token's hash goes further: the log and ctl never see the token.
             if rest == "none":
@@ -149,9 +160,12 @@ def parse_root_ctl(data: bytes) -> list[NewAgent]:
         if words[0] == "grant" and agents:  # gives the agent of the `new` above it
             agents[-1].grants.append(Command("grant", caps.parse("grant", words[1:])))
             continue
+        if words[0] in NEW_SETTINGS and agents:  # likewise, a setting of it
+            agents[-1].settings.extend(parse_agent_ctl(line.encode()))
+            continue
         if words[0] != "new":
             raise errors.invalid(f"ctl: unknown command {words[0]!r} (known: new, and "
-                                 "grant after a new)")
+                                 "grant, serve, hooks or idle after a new)")
         if len(words) < 2:
             raise errors.invalid("ctl: usage: new NAME [PROGRAM ARG...]")
         agents.append(NewAgent(check_name(words[1]), words[2:] or None))
@@ -159,6 +173,18 @@ def parse_root_ctl(data: bytes) -> list[NewAgent]:
     if len(set(names)) != len(names):
         raise errors.invalid("ctl: the same name twice in one write")
     return agents
+
+
+def parse_hooks(words: list[str]) -> tuple[str, ...]:
+    """`hooks all`, `hooks none`, or the lifecycle triggers that run the program."""
+    if words in (["all"], ["none"]):
+        return tuple(words)
+    unknown = [w for w in words if w not in lifecycle.HOOKS]
+    if not words or unknown:
+        raise errors.invalid(f"ctl: usage: hooks all | none | HOOK... (of "
+                             f"{' '.join(lifecycle.HOOKS)})"
+                             + (f"; not a hook: {unknown[0][:40]!r}" if unknown else ""))
+    return tuple(dict.fromkeys(words))
 
 
 def quote_program(program: list[str] | None) -> str:

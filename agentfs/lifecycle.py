@@ -95,6 +95,17 @@ def finished(record: AgentRecord, hook: str) -> None:
         record.hook = "sleep"
 
 
+def runs_program(record: AgentRecord, hook: str) -> bool:
+    """Whether `hook` runs the agent's program, as its `hooks` setting says."""
+    return record.hooks is None or hook in record.hooks
+
+
+def shown_hooks(record: AgentRecord) -> str:
+    if record.hooks is None:
+        return "all"
+    return " ".join(record.hooks) or "none"
+
+
 def drop_without_program(record: AgentRecord) -> bool:
     """An agent without a program drops the hooks it cannot run; True if one was dropped."""
     if record.hook is None or record.hook == "create":

@@ -149,6 +149,8 @@ class Runtime:
             ("retries", str(record.max_failures)),
             ("idle", format_duration(lifecycle.DEFAULT_IDLE if record.idle is None
                                      else record.idle)),
+            ("serve", "on" if record.serve else "off"),
+            ("hooks", lifecycle.shown_hooks(record)),
             ("alarm", alarm.describe() if (alarm := Alarm.decode(record.alarm)) else "-"),
             ("token", "set" if record.token else "-"),
             *caps.shown(record),
@@ -298,14 +300,16 @@ class Runtime:
                 lifecycle.create(record)
                 for grant in new.grants:
                     caps.apply(record, grant)
+                for setting in new.settings:
+                    self.apply_ctl(txn, record, setting)
                 self.store.add_agent(txn, record)
                 indexes.append(index)
                 self.log.append(txn, index, {
                     "time": record.created, "event": "create", "name": new.name,
                     "program": quote_program(new.program)})
-                for grant in new.grants:
+                for command in [*new.grants, *new.settings]:
                     self.log.append(txn, index, {"time": record.created, "event": "ctl",
-                                                 "command": caps.describe(grant)})
+                                                 "command": _describe(command)})
                 created.append(npub_encode(pub))
             return created
 
@@ -365,6 +369,11 @@ class Runtime:
             self.alarms.set(txn, record, Alarm.from_arg(command.args[0]))
         elif verb == "idle":
             record.idle = float(command.args[0])
+        elif verb == "serve":
+            record.serve = command.args[0] == "on"
+        elif verb == "hooks":
+            record.hooks = None if command.args == ("all",) else \
+                [] if command.args == ("none",) else list(command.args)
         elif verb == "token":
             record.token = command.args[0] or None
         elif verb in caps.VERBS:

@@ -17,6 +17,8 @@ Layout (named databases; an agent is its 4-byte big-endian creation index `ix`):
               active, or with a lifecycle trigger to run); kept by `put_agent`
     tokens    ix -> b"": agents with a bearer token (the root file `tokens`); by `put_agent`
     secrets   name -> the root file `secrets`' entry, its value sealed (see factotum.py)
+    keys      ix -> the private key of an agent imported from a store of another mnemonic,
+              sealed (see keyring.py); every other agent's key derives from the mnemonic
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ import lmdb
 from . import errors
 from .identity import npub_encode
 
-STORE_VERSION = 2  # 2: lifecycle hooks, the awake index, alarms
+# 2: lifecycle hooks, the awake index, alarms; 3: imported keys, which an agentfs that
+# knew only derived keys would silently sign with the wrong key for.
+STORE_VERSION = 3
 # How far the Nostr driver has read (unix seconds): from the store's birth at first.
 NOSTR_SINCE_KEY = b"nostr-since"
 DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters",
-            "seen", "ports", "alarms", "awake", "tokens", "secrets")
+            "seen", "ports", "alarms", "awake", "tokens", "secrets", "keys")
 
 # Address space only: LMDB grows the file as pages are written, not to the map size.
 DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
@@ -93,6 +97,8 @@ class AgentRecord:
     hook_error: str | None = None  # why the agent failed, for its `error` trigger
     failed_hook: str | None = None  # the create or wake whose failure failed it: owed again
     idle: float | None = None  # seconds idle before it hibernates (None: the default)
+    serve: bool = False  # one long-lived program serves its ticks (served.py)
+    hooks: list[str] | None = None  # the lifecycle triggers that run its program (None: all)
     alarm: dict[str, Any] | None = None  # see alarms.Alarm
     token: str | None = None  # SHA-256 (hex) of the bearer token the HTTP driver checks
     caps: dict[str, list[str]] = field(default_factory=dict)  # granted: see caps.py
@@ -175,6 +181,10 @@ class AgentStore:
             version = txn.get(b"version", db=store.db["meta"])
         if version == b"1":
             store._migrate_from_1()
+            version = str(STORE_VERSION).encode()
+        if version == b"2":  # 3 adds the `keys` database, which opening the store made
+            with store.env.begin(write=True) as txn:
+                txn.put(b"version", str(STORE_VERSION).encode(), db=store.db["meta"])
             version = str(STORE_VERSION).encode()
         if version != str(STORE_VERSION).encode():
             store.close()

@@ -7,6 +7,10 @@ Rows (issue 2, section 5):
           number of `/bin/sh -c 'echo x > FILE'` spawns done one after another by Python's
           subprocess, and durable LMDB commits/s (py-lmdb, sync=True, one small put per
           transaction), on the same disk as the store.
+  served  ticks/s of served programs (`serve on`, one long-lived /usr/bin/python3 per agent):
+          1 agent whose ticks each write one state key through the mount, and 100 agents
+          whose ticks only reply on stdout; baselines: the same program alone answering
+          trigger lines over pipes (its own ceiling), and exec ticks/s of the ticks row.
   wake    wake latency p50/p99: time just before write(2) to an inbox, to the first line
           of main() of a tiny C program (compiled here with gcc), sandbox on and sandbox=off
           (two mounts, samples taken in turn); baselines: sandbox=off, and the same program
@@ -71,8 +75,24 @@ PY = sys.executable
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
 TICK_PROGRAM = "/bin/sh -c 'echo x > \"$AGENT_DIR/state/k\"'"
+# A served program (agentfs(4), Served programs): `write` writes state/k each tick, `reply`
+# answers each trigger with one line.
+SERVED_PY = """
+import os, sys
+key = os.path.join(os.environ.get("AGENT_DIR", "."), "state", "k")
+write = sys.argv[1] == "write"
+for line in sys.stdin:
+    if '"lifecycle":true' not in line:
+        if write:
+            with open(key, "w") as f:
+                f.write("x")
+        else:
+            sys.stdout.write("ok\\n")
+    sys.stdout.write('{"tick":"done"}\\n')
+    sys.stdout.flush()
+"""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-ROWS = ("ticks", "wake", "state", "agents", "dormant", "plumb", "alarm", "http", "nostr")
+ROWS = ("ticks", "served", "wake", "state", "agents", "dormant", "plumb", "alarm", "http", "nostr")
 
 WAKE_C = r"""
 #include <fcntl.h>
@@ -107,6 +127,8 @@ class Sizes:
         self.ticks_agents = 100                          # agents for the many-agent row
         self.ticks_per_agent = 3 if quick else 20        # ticks each
         self.ticks_rounds = 1 if quick else 2            # best of, sandbox on and off each
+        self.served_one = 200 if quick else 3000         # served ticks, 1 agent
+        self.served_per_agent = 5 if quick else 100      # served ticks each of 100 agents
         self.lines_per_write = 10                        # inbox lines per write(2)
         self.tick_timeout = 60.0 if quick else 150.0
         self.wake_samples = 30 if quick else 200
@@ -535,10 +557,14 @@ def tick_errors(fs: AgentfsMount, npubs: list[str]) -> tuple[int, str]:
 
 
 def run_ticks(fs: AgentfsMount, tag: str, agents: int, per_agent: int, sizes: Sizes,
-              profile_dir: Path | None) -> tuple[TickRun, list[str]]:
+              profile_dir: Path | None, program: str = TICK_PROGRAM,
+              serve: bool = False) -> tuple[TickRun, list[str]]:
     names = [f"{tag}{i}" for i in range(agents)]
-    fs.new_agents([f"new {n} {TICK_PROGRAM}\n" for n in names], per_write=100)
+    fs.new_agents([f"new {n} {program}\n" for n in names], per_write=100)
     npubs = [fs.npub(n) for n in names]
+    if serve:
+        for npub in npubs:
+            (fs.mp / npub / "ctl").write_text("serve on\n")
     fds = [os.open(fs.mp / n / "inbox", os.O_WRONLY) for n in npubs]
     assert fs.pid is not None
     try:
@@ -573,6 +599,27 @@ def run_ticks(fs: AgentfsMount, tag: str, agents: int, per_agent: int, sizes: Si
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def served_alone(program: Path, mode: str, n: int, shared: Path) -> float:
+    """Triggers/s the served program answers by itself: a trigger line in, its end line
+    out, one at a time, as the daemon feeds it (state/k goes to a plain directory)."""
+    (shared / "alone" / "state").mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(["/usr/bin/python3", str(program), mode], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env={"AGENT_DIR": str(shared / "alone")})
+    assert proc.stdin is not None and proc.stdout is not None
+    line = b'{"type":"text","data":"m","id":"x","seq":1,"attempt":1}\n'
+    try:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            proc.stdin.write(line)
+            proc.stdin.flush()
+            while not proc.stdout.readline().startswith(b'{"tick"'):
+                pass
+        return n / (time.perf_counter() - t0)
+    finally:
+        proc.stdin.close()
+        proc.wait()
 
 
 def compile_wake(shared: Path) -> Path | None:
@@ -1164,6 +1211,36 @@ def main() -> int:
                         f"{run.errors}" + (f", e.g. {run.first_error}" if run.errors else ""))
             for fs in mounts.values():
                 fs.close()
+
+        if "served" in only:
+            program = shared / "served.py"
+            program.write_text(SERVED_PY)
+            fs = AgentfsMount(base, "served", on)
+            undo.append(fs.close)
+            for agents, per_agent, tag, mode in ((1, sizes.served_one, "sone", "write"),
+                                                 (100, sizes.served_per_agent, "smany", "reply")):
+                total = agents * per_agent
+                log(f"served: {agents} agent(s) x {per_agent} ({mode})")
+                run, prof = run_ticks(fs, tag, agents, per_agent, sizes, profile_dir,
+                                      f"/usr/bin/python3 {program} {mode}", serve=True)
+                notes += prof
+                log(f"baseline: the served program alone, {total} triggers")
+                alone = served_alone(program, mode, total, shared)
+                target = 2000 if agents == 1 else 10_000
+                what = ("1 agent, a state key written per tick" if agents == 1 else
+                        "100 agents, a reply per tick")
+                rows.append((f"served ticks/s, {what} ({total} ticks)", fmt_rate(run.rate),
+                             f"the program alone {fmt_rate(alone)}",
+                             f"{run.rate / alone:.2f}× alone",
+                             f"≥ {target:,}/s ({'yes' if run.rate >= target else 'no'})"))
+                per_tick = 1e3 / max(1, run.ticks)
+                notes.append(
+                    f"served, {agents} agent(s): daemon CPU {run.daemon_cpu * per_tick:.2f}"
+                    f" ms/tick (own), zygote's children and the programs "
+                    f"{run.children_cpu * per_tick:.2f} ms/tick; "
+                    f"{run.seconds:.2f} s wall; failed ticks: {run.errors}"
+                    + (f", e.g. {run.first_error}" if run.errors else ""))
+            fs.close()
 
         if "wake" in only:
             exe = compile_wake(shared)

@@ -295,6 +295,37 @@ def test_a_longer_idle_keeps_the_agent_active(shared: Mount, tmp_path: Path) -> 
     assert fay.runs() == ["create", "text", "sleep"]
 
 
+def test_hooks_choose_which_lifecycle_triggers_run_the_program(shared: Mount,
+                                                              tmp_path: Path) -> None:
+    gil = Recorder(shared, tmp_path, "gil")
+    # `hooks` (and `serve`) may follow a root `new` in the same write, as `grant` does.
+    write_once(shared.mp / "ctl", f"new gil {gil.program} {gil.dir}\nhooks wake\nidle 0\n")
+    status = gil.wait_status("dormant", 0)  # its create and sleep passed without a run
+    assert status["hooks"] == "wake" and gil.runs() == []
+    gil.send("one")
+    gil.wait_status("dormant", 2)  # wake, then the message; its sleep, again no run
+    assert gil.runs() == ["wake", "text"]
+    assert lifecycle_log(shared, "gil") == [("wake", "ok")]
+    commands = [r["command"] for r in shared.log("gil") if r["event"] == "ctl"]
+    assert commands[:1] == ["hooks wake"]
+    gil.ctl("hooks none")
+    gil.send("two")
+    gil.wait_status("dormant", 3)
+    assert gil.runs() == ["wake", "text", "text"] and gil.status()["hooks"] == "none"
+    gil.ctl("hooks all")
+    assert gil.status()["hooks"] == "all"
+
+
+def test_hooks_refuses_what_is_not_a_hook(shared: Mount) -> None:
+    shared.new_agent("hal")
+    for bad in ("hooks", "hooks fly", "hooks wake fly", "hooks all none"):
+        code = errno_of(lambda bad=bad: write_once(shared.agent("hal") / "ctl", bad + "\n"))
+        assert code == errno.EINVAL, bad
+    assert shared.status("hal")["hooks"] == "all"
+    refused = [r["error"] for r in shared.log("hal") if r["event"] == "refused"]
+    assert len(refused) == 4 and "not a hook: 'fly'" in refused[1]
+
+
 def test_a_failing_sleep_trigger_changes_nothing_but_the_log(shared: Mount,
                                                               tmp_path: Path) -> None:
     gus = Recorder(shared, tmp_path, "gus")
