@@ -508,6 +508,8 @@ class AgentFs(pyfuse3.Operations):
             return self.runtime.alarms_text()
         if node.kind is Kind.TOKENS:
             return self.runtime.tokens_text()
+        if node.kind is Kind.STATUS:
+            return self.runtime.status_text()
         if node.kind is Kind.SECRETS:
             return self.runtime.secrets.text()
         return self.runtime.inbox_text(node.index, tick)
