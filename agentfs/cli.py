@@ -1,4 +1,4 @@
-"""The `agentfs` command: init, id, mount (and the mount(8) helper form)."""
+"""The `agentfs` command: init, id, mount (and the mount(8) helper form); ps and top."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import identity
+from . import fleet, identity
 from .nostr import cli as nostr_cli
 from .store import AgentStore, default_store_path
 
@@ -180,13 +180,14 @@ def parser() -> argparse.ArgumentParser:
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(run=cmd_mount)
 
+    fleet.add_parsers(sub)
     nostr_cli.add_parser(sub)
     return p
 
 
 def _helper_form(argv: list[str]) -> list[str]:
     """`agentfs STORE MOUNTPOINT -o OPTS` (mount.fuse's convention) as a mount command."""
-    commands = {"init", "id", "mount", "nostr"}
+    commands = {"init", "id", "mount", "nostr", *fleet.COMMANDS}
     if len(argv) >= 2 and argv[0] not in commands and not argv[0].startswith("-"):
         return ["mount", "--store", argv[0], argv[1], *argv[2:]]
     return argv
