@@ -117,6 +117,9 @@ def _why_not(mountpoint: Path, error: OSError) -> str:
         return f"{mountpoint}: no such directory"
     if error.errno in (errno.ENOENT, errno.ENOTDIR):
         return f"{mountpoint}: not an agentfs mount (it has no status file)"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return (f"{mountpoint}/status: permission denied: the tree's files are the mount "
+                "owner's (run this as the user that mounted it)")
     return f"{mountpoint}/status: {error.strerror}"
 
 

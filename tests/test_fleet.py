@@ -181,6 +181,16 @@ def test_ps_refuses_what_is_not_agentfs(tmp_path: Path) -> None:
             assert done.stderr == f"agentfs: {where}: {why}\n"
 
 
+def test_ps_as_another_user(fleet: Mount) -> None:
+    """The tree's files are its owner's: anyone else hears so, not a bare EACCES."""
+    # From within the mount (pytest's temporary directories are closed to other users).
+    done = sh(f"setpriv --reuid=65534 --regid=65534 --clear-groups {AGENTFS_SH} ps",
+              check=False, cwd=fleet.mp)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == ("agentfs: ./status: permission denied: the tree's files are the "
+                           "mount owner's (run this as the user that mounted it)\n")
+
+
 def test_ps_on_a_mount_whose_daemon_died(make_mount: MountFactory) -> None:
     mount = make_mount("dead")
     mount.kill()
