@@ -34,7 +34,8 @@ RESOURCES = (
 )
 # What the root `status` has always: a file of that name without them is not agentfs's.
 STATUS_KEYS = ("pid", "agents", "awake", "ticks", "ticks_per_s", "rss_bytes")
-DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)  # as in cli.py
+MAX_STATUS = 1 << 16  # bytes of a root `status` read: agentfs's is well under 1 KiB
 
 
 class FleetError(Exception):
@@ -99,10 +100,11 @@ def daemon_status(mountpoint: Path) -> dict[str, str]:
     """The root `status`, or FleetError saying why `mountpoint` is not an agentfs mount."""
     path = mountpoint / "status"
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_STATUS)  # whatever a file of that name elsewhere may hold
     except OSError as e:
         raise FleetError(_why_not(mountpoint, e)) from None
-    status = _keyed(text)
+    status = _keyed(raw.decode("utf-8", errors="replace"))
     if not all(key in status for key in STATUS_KEYS):
         raise FleetError(f"{mountpoint}: not an agentfs mount ({path} is not agentfs's "
                          "status file)")
@@ -113,7 +115,7 @@ def _why_not(mountpoint: Path, error: OSError) -> str:
     if error.errno in DEAD_MOUNT_ERRNOS:
         return (f"{mountpoint}: not connected: its agentfs daemon is gone (unmount it with "
                 f"fusermount3 -uz {mountpoint})")
-    if not mountpoint.is_dir():
+    if not os.path.isdir(mountpoint):
         return f"{mountpoint}: no such directory"
     if error.errno in (errno.ENOENT, errno.ENOTDIR):
         return f"{mountpoint}: not an agentfs mount (it has no status file)"
@@ -156,11 +158,11 @@ def read_agent(directory: Path) -> Agent:
 def sample(mountpoint: Path) -> Sample:
     """The daemon's status and every agent's, read now; agents in the order of the root."""
     daemon = daemon_status(mountpoint)
-    agents = [read_agent(mountpoint / entry) for entry in sorted_agents(mountpoint)]
+    agents = [read_agent(mountpoint / entry) for entry in agent_directories(mountpoint)]
     return Sample(time.monotonic(), daemon, agents)
 
 
-def sorted_agents(mountpoint: Path) -> list[str]:
+def agent_directories(mountpoint: Path) -> list[str]:
     """The agents' directories in the root's order, the order they were made (names, the
     links, never start with npub1)."""
     return [entry for entry in os.listdir(mountpoint) if entry.startswith("npub1")]
@@ -213,8 +215,7 @@ def ps_row(agent: Agent, now: datetime) -> list[str]:
 def cmd_ps(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint)
     try:
-        daemon_status(mountpoint)
-        agents = [read_agent(mountpoint / entry) for entry in sorted_agents(mountpoint)]
+        agents = sample(mountpoint).agents
     except FleetError as e:
         print(f"agentfs: {e}", file=sys.stderr)
         return 1
@@ -295,9 +296,8 @@ def frame(mountpoint: Path, now: Sample, before: Sample | None) -> list[str]:
     rows = []
     for a in by_activity(agents, rate):
         shown = "-" if rate[a.npub] is None else f"{rate[a.npub]:.1f}"
-        rows.append([a.name or "-", a.status, shown, str(a.ticks), str(a.pending),
-                     age(a.last, clock), a.last_result or "-", percent(a.budget["compute"]),
-                     percent(a.budget["storage"]), a.npub])
+        row = ps_row(a, clock)
+        rows.append([*row[:2], shown, *row[2:]])  # TICKS/S after NAME and STATUS
     return lines + table(TOP_HEADER, rows)
 
 

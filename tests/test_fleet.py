@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import AGENTFS, Mount, MountFactory, module_mount, sh, wait_until
 
+from agentfs.fleet import Agent, Sample, Usage, by_activity, parse_last, rates
 from agentfs.units import parse_duration
 
 AGENTFS_SH = shlex.join(AGENTFS)
@@ -65,6 +66,34 @@ def ps_rows(mp: Path, *args: str) -> dict[str, list[str]]:
     assert header == PS_HEADER
     assert all(len(row) == len(header) for row in rows), done.stdout
     return {row[0]: row for row in rows}
+
+
+# -- units: what ps and top make of what they read --------------------------------------------
+
+
+def test_parse_last() -> None:
+    assert parse_last("-") == (None, None, None)
+    assert parse_last("2026-11-24T22:36:12.983Z ok") == ("2026-11-24T22:36:12.983Z", "ok", None)
+    assert parse_last("2026-11-24T22:36:11.980Z error: exit status 3") == \
+        ("2026-11-24T22:36:11.980Z", "error", "exit status 3")
+    assert parse_last("2026-11-24T22:36:11.980Z error: commit failed: no: room") == \
+        ("2026-11-24T22:36:11.980Z", "error", "commit failed: no: room")
+
+
+def _agent(name: str, ticks: int, pending: int = 0, last: str | None = None) -> Agent:
+    return Agent(f"npub1{name}", name, "active", ticks, pending, last, None, None,
+                 {"compute": Usage(0, 1), "storage": Usage(0, 1)})
+
+
+def test_top_sorts_by_activity() -> None:
+    before = Sample(10.0, {}, [_agent("a", 5), _agent("b", 5), _agent("c", 0), _agent("d", 9)])
+    now = Sample(12.0, {}, [_agent("a", 6), _agent("b", 9), _agent("c", 0, pending=2),
+                            _agent("d", 9, last="2026-12-01T00:00:00Z"), _agent("e", 0)])
+    rate = rates(now, before)
+    assert rate == {"npub1a": 0.5, "npub1b": 2.0, "npub1c": 0.0, "npub1d": 0.0, "npub1e": 0.0}
+    # Busiest first; then pending; then the latest last tick; never ticked last.
+    assert [a.name for a in by_activity(now.agents, rate)] == ["b", "a", "c", "d", "e"]
+    assert set(rates(now, None).values()) == {None}  # the first frame has no rates
 
 
 # -- the root status file ----------------------------------------------------------------------
