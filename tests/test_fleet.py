@@ -18,6 +18,7 @@ import pytest
 from conftest import AGENTFS, Mount, MountFactory, module_mount, sh, wait_until
 
 from agentfs.fleet import Agent, Sample, Usage, by_activity, parse_last, rates
+from agentfs.status import WINDOW, RecentEvents
 from agentfs.units import parse_duration
 
 AGENTFS_SH = shlex.join(AGENTFS)
@@ -94,6 +95,22 @@ def test_top_sorts_by_activity() -> None:
     # Busiest first; then pending; then the latest last tick; never ticked last.
     assert [a.name for a in by_activity(now.agents, rate)] == ["b", "a", "c", "d", "e"]
     assert set(rates(now, None).values()) == {None}  # the first frame has no rates
+
+
+def test_recent_events_rate_and_percentiles() -> None:
+    now = [100.0]
+    events = RecentEvents(clock=lambda: now[0])
+    assert events.rate() == 0.0 and events.percentile(0.5) is None
+    now[0] = 102.0
+    for n in range(1, 101):  # 100 latencies, 1 ms to 100 ms, two seconds after the start
+        events.add(n / 1000)
+    assert events.rate() == 50.0  # since the start, sooner than the window
+    assert events.percentile(0.5) == 0.05 and events.percentile(0.99) == 0.099
+    now[0] = 100.0 + WINDOW + 1
+    assert events.rate() == 100 / WINDOW  # all still within the last WINDOW seconds
+    now[0] = 102.0 + WINDOW + 0.5  # and now all older than that
+    assert events.rate() == 0.0 and events.percentile(0.99) is None
+    assert events.total == 100
 
 
 # -- the root status file ----------------------------------------------------------------------
