@@ -308,6 +308,10 @@ def cmd_top(args: argparse.Namespace) -> int:
     except FleetError as e:
         print(f"agentfs: {e}", file=sys.stderr)
         return 1
+    if not args.batch and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print("agentfs: top draws on a terminal, and this is none: use -b (batch mode) to "
+              "print frames", file=sys.stderr)
+        return 1
     try:
         if args.batch:
             _batch(mountpoint, first, args.delay, args.iterations)

@@ -273,6 +273,14 @@ def test_top_batch_prints_n_frames(fleet: Mount) -> None:
         assert by_name["busy"][2] == ("-" if number == 0 else "0.0")
 
 
+def test_top_without_a_terminal_says_to_use_batch_mode(fleet: Mount) -> None:
+    done = sh(f"{AGENTFS_SH} top -n 1 {fleet.mp} < /dev/null | cat", check=False)
+    assert done.stdout == ""
+    assert done.stderr == ("agentfs: top draws on a terminal, and this is none: use -b (batch "
+                           "mode) to print frames\n")
+    assert sh(f"{AGENTFS_SH} top -n 1 {fleet.mp} > /dev/null", check=False).returncode == 1
+
+
 def tmux(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["tmux", "-S", str(socket), *args], capture_output=True, text=True,
                           timeout=30)
