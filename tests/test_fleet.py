@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import AGENTFS, Mount, MountFactory, module_mount, sh, wait_until
+from conftest import AGENTFS, Mount, MountFactory, Store, module_mount, sh, wait_until
 
 from agentfs.fleet import Agent, Sample, Usage, by_activity, parse_last, rates
+from agentfs.identity import agent_private_key, npub_encode, public_key
 from agentfs.status import WINDOW, RecentEvents
+from agentfs.store import AgentRecord, AgentStore
 from agentfs.units import parse_duration
 
 AGENTFS_SH = shlex.join(AGENTFS)
@@ -244,6 +246,32 @@ def test_ps_on_a_mount_whose_daemon_died(make_mount: MountFactory) -> None:
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == (f"agentfs: {mount.mp}: not connected: its agentfs daemon is gone "
                            f"(unmount it with fusermount3 -uz {mount.mp})\n")
+
+
+def test_an_agent_named_status_before_the_file_came(store: Store, tmp_path: Path) -> None:
+    """A store made before the root had `status` may hold an agent of that name: the file
+    hides its link (listed once), ps still shows it, and a new name brings the link back."""
+    s = AgentStore.open(store.path)
+    try:
+        with s.env.begin(write=True) as txn:
+            index = s.claim_index(txn)
+            pub = public_key(agent_private_key(store.mnemonic, index))
+            s.add_agent(txn, AgentRecord(index, pub.hex(), "status", None, "creating"))
+    finally:
+        s.close()
+    npub = npub_encode(pub)
+    (tmp_path / "mnt").mkdir()
+    m = Mount(store, tmp_path / "mnt").start()
+    try:
+        assert sh(f"ls {m.mp}").stdout.split().count("status") == 1
+        assert not os.path.islink(m.mp / "status")
+        assert status_file(m.mp)["agents"] == "1"  # the daemon's file, not the agent's link
+        assert ps_rows(m.mp)["status"][8] == npub
+        sh(f"echo 'name old-status' > {m.mp}/{npub}/ctl")
+        assert os.readlink(m.mp / "old-status") == npub
+        assert ps_rows(m.mp)["old-status"][8] == npub
+    finally:
+        m.stop()
 
 
 # -- agentfs top -------------------------------------------------------------------------------
