@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -18,6 +19,7 @@ import lmdb
 import trio
 
 from . import errors
+from .status import RecentEvents
 from .store import AgentStore, Txn
 
 T = TypeVar("T")
@@ -37,6 +39,8 @@ class CommitStatistics:
     commits: int = 0
     transactions: int = 0
     largest_batch: int = 0
+    # Each transaction's latency, from its hand-over to its durable commit: what writers wait.
+    latency: RecentEvents = field(default_factory=RecentEvents)
 
 
 class CommitQueue:
@@ -53,9 +57,11 @@ class CommitQueue:
     async def commit(self, apply: Callable[[Txn], T]) -> T:
         """Run `apply` in a write transaction; return once it is durable (or raise its error)."""
         pending: _Pending[T] = _Pending(apply)
+        handed = time.monotonic()
         self._queue.append(pending)
         self._wakeup.set()
         await pending.done.wait()
+        self._stats.latency.add(time.monotonic() - handed)
         if pending.error is not None:
             raise pending.error
         return pending.result  # type: ignore[no-any-return]

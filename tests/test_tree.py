@@ -27,7 +27,7 @@ from conftest import (
 from agentfs.identity import agent_private_key, npub_encode, nsec_encode, public_key
 from agentfs.inbox import MAX_LINE
 
-ROOT_FILES = ["alarms", "ctl", "nostr", "plumb", "secrets", "tokens"]
+ROOT_FILES = ["alarms", "ctl", "nostr", "plumb", "secrets", "status", "tokens"]
 AGENT_FILES = ["budget", "ctl", "inbox", "log", "outbox", "state"]
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -142,7 +142,7 @@ def test_root_file_names_are_no_agent_names(mount: Mount) -> None:
     assert not any(os.path.islink(mp / name) for name in ROOT_FILES)
     assert (mp / "tokens").read_text() == ""  # still the root's file: no agent has a token
     why = ("the root has a file of that name (reserved: .tick alarms ctl nostr plumb secrets "
-           "tokens)")
+           "status tokens)")
     daemon_log = (mount.store.path / "daemon.log").read_text()
     for name in [*ROOT_FILES, ".tick"]:
         assert f"refused write root ctl: name {name!r}: {why}" in daemon_log, name
