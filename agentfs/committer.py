@@ -43,6 +43,9 @@ class CommitStatistics:
     latency: RecentEvents = field(default_factory=RecentEvents)
 
 
+FLUSH_INTERVAL = 0.1  # durability=daemon: the most a power cut may lose, in seconds
+
+
 class CommitQueue:
     def __init__(self, store: AgentStore, max_batch: int = 256) -> None:
         self.store = store
@@ -50,6 +53,7 @@ class CommitQueue:
         self._queue: list[_Pending[Any]] = []
         self._wakeup = trio.Event()
         self._stats = CommitStatistics()
+        self._unflushed = False  # durability=daemon: commits not yet flushed to the disk
 
     def statistics(self) -> CommitStatistics:
         return self._stats
@@ -67,7 +71,22 @@ class CommitQueue:
         return pending.result  # type: ignore[no-any-return]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            if not self.store.synced:
+                nursery.start_soon(self._flush_now_and_then)
+            task_status.started()
+            await self._serve()
+
+    async def _flush_now_and_then(self) -> None:
+        """durability=daemon: what commits wrote to the file reaches the disk within
+        FLUSH_INTERVAL, off the commit path."""
+        while True:
+            await trio.sleep(FLUSH_INTERVAL)
+            if self._unflushed:
+                self._unflushed = False
+                await trio.to_thread.run_sync(self.store.flush)
+
+    async def _serve(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
@@ -107,6 +126,7 @@ class CommitQueue:
             for pending in batch:
                 pending.error = pending.error or failure
             return
+        self._unflushed = True
         self._stats.commits += 1
         self._stats.transactions += len(batch)
         self._stats.largest_batch = max(self._stats.largest_batch, len(batch))

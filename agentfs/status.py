@@ -105,6 +105,7 @@ def render(runtime: Runtime) -> bytes:
         ("commit_latency_p99", _milliseconds(commits.latency.percentile(0.99))),
         ("rss_bytes", str(rss_bytes())),
         ("sandbox", runtime.sandbox_state()),
+        ("durability", "disk" if runtime.store.synced else "daemon"),
         ("time", rfc3339_now()),
     ]
     return "".join(f"{k} {v}\n" for k, v in lines).encode()
