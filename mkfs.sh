@@ -40,8 +40,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 venv=${AGENTFS_VENV:-$root/.venv}
 python=${PYTHON:-python3}
 # Why each is here: mkfs(8). busybox: the tests run timer.sh under its sh; bubblewrap: the
-# tick sandbox (bwrap, once per mount); systemd: the tests check the units with systemd-analyze.
-debs=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev jq curl bindfs busybox bubblewrap systemd)
+# tick sandbox (bwrap, once per mount); tmux: the tests run `agentfs top` in a real terminal;
+# systemd: the tests check the units with systemd-analyze.
+debs=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev jq curl bindfs busybox bubblewrap
+	tmux systemd)
 # The example agent: counts the triggers it answers in state/count and answers each with one
 # line; it lets its lifecycle triggers (create, wake, sleep...) pass.
 # shellcheck disable=SC2016 # expanded by the agent's /bin/sh, not here

@@ -1,5 +1,5 @@
-"""The `agentfs` command: init, id, mount (and the mount(8) helper form); export and import
-are archive_cli's, nostr is nostr.cli's."""
+"""The `agentfs` command: init, id, mount (and the mount(8) helper form), ps and top;
+export and import are archive_cli's, nostr is nostr.cli's."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import archive_cli, identity
+from . import archive_cli, fleet, identity
 from .archive import ArchiveError
 from .nostr import cli as nostr_cli
 from .store import AgentStore, default_store_path
@@ -183,13 +183,14 @@ def parser() -> argparse.ArgumentParser:
     mount.set_defaults(run=cmd_mount)
 
     archive_cli.add_parsers(sub)
+    fleet.add_parsers(sub)
     nostr_cli.add_parser(sub)
     return p
 
 
 def _helper_form(argv: list[str]) -> list[str]:
     """`agentfs STORE MOUNTPOINT -o OPTS` (mount.fuse's convention) as a mount command."""
-    commands = {"init", "id", "mount", "export", "import", "nostr"}
+    commands = {"init", "id", "mount", "export", "import", "nostr", *fleet.COMMANDS}
     if len(argv) >= 2 and argv[0] not in commands and not argv[0].startswith("-"):
         return ["mount", "--store", argv[0], argv[1], *argv[2:]]
     return argv

@@ -34,7 +34,8 @@ class MountError(Exception):
     pass
 
 
-OUR_OPTIONS = {"jobs", "sandbox", "uid_base", "tools", "shared", "proxy_ca"}
+OUR_OPTIONS = {"jobs", "sandbox", "uid_base", "tools", "shared", "proxy_ca", "durability"}
+DURABILITY = ("disk", "daemon")  # what an acknowledged write survives: agentfs(1)
 
 
 def fuse_options(store: Path, given: list[str]) -> tuple[set[str], dict[str, str]]:
@@ -54,6 +55,10 @@ def fuse_options(store: Path, given: list[str]) -> tuple[set[str], dict[str, str
             ours[key] = value
         else:
             raise MountError(f"unknown mount option {word!r}")
+    if ours.get("durability", "disk") not in DURABILITY:
+        raise MountError(f"durability={ours['durability']}: say durability=disk (every "
+                         "acknowledged write is on the disk) or durability=daemon (it "
+                         "survives the daemon's death; a power cut may lose 0.1 s)")
     if ours.get("sandbox", "on") not in ("on", "off"):
         raise MountError(f"sandbox={ours['sandbox']}: say sandbox=on or sandbox=off")
     if "uid_base" in ours and not (ours["uid_base"].isdigit() and
@@ -92,7 +97,7 @@ def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
         fuse_opts, ours = fuse_options(store_path, options)
         if "jobs" in ours:
             jobs = int(ours["jobs"])
-        store = AgentStore.open(store_path)
+        store = AgentStore.open(store_path, sync=ours.get("durability", "disk") == "disk")
         store.lock()
     except Exception as e:  # noqa: BLE001 - every failure to start is reported the same way
         _report(ready_fd, f"agentfs: {e}", notifier)

@@ -56,6 +56,7 @@ STABLE_TIMEOUT = 60.0
 # `.tick/` may be passed through by agents' uids but not listed; an agent's directory is
 # its owner's alone (the mount's owner, or under `.tick/` the agent's uid).
 DIR_MODES = {Kind.TICKS: 0o711, Kind.AGENT: 0o700}
+ROOT_NAMES = frozenset(f.name for f in ROOT_FILES)
 
 
 @dataclass
@@ -318,7 +319,9 @@ class AgentFs(pyfuse3.Operations):
             with self.runtime.store.read() as txn:
                 for record in self.runtime.store.agents(txn):
                     entries.append((record.npub, Node(Kind.AGENT, record.index)))
-                    if record.name:
+                    # A name taken before a root file of that name came (`status`) is
+                    # hidden by the file: listed once, as the file that lookup finds.
+                    if record.name and record.name not in ROOT_NAMES:
                         entries.append((record.name, Node(Kind.LINK, record.index)))
         elif node.kind is Kind.AGENT:
             entries = [(f.name, Node(f.kind, node.index, tick=node.tick)) for f in AGENT_FILES]
@@ -508,6 +511,8 @@ class AgentFs(pyfuse3.Operations):
             return self.runtime.alarms_text()
         if node.kind is Kind.TOKENS:
             return self.runtime.tokens_text()
+        if node.kind is Kind.STATUS:
+            return self.runtime.status_text()
         if node.kind is Kind.SECRETS:
             return self.runtime.secrets.text()
         return self.runtime.inbox_text(node.index, tick)

@@ -8,6 +8,7 @@ tick goes to that tick's overlay instead.
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import TypeVar
 
 import trio
 
-from . import budget, caps, errors, lifecycle, state
+from . import budget, caps, errors, lifecycle, state, status
 from .alarms import Alarm, Alarms
 from .committer import CommitQueue
 from .ctl import OWNER_VERBS, TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_program
@@ -50,6 +51,7 @@ class Runtime:
     def __init__(self, store: AgentStore, mountpoint: str, jobs: int = 8,
                  sandbox: Sandbox | None = None, proxy_ca: str | None = None) -> None:
         self.store = store
+        self.started = (rfc3339_now(), time.monotonic())  # for the root `status`
         # None: ticks run unconfined (-o sandbox=off), which ctl and the log say.
         self.sandbox = sandbox
         self.inbox = Inbox(store)
@@ -169,6 +171,9 @@ class Runtime:
             return "off"
         problem = self.engine.sandbox_problem
         return "on" if problem is None else f"unavailable: {problem}"
+
+    def status_text(self) -> bytes:
+        return status.render(self)
 
     def alarms_text(self) -> bytes:
         with self.store.read() as txn:

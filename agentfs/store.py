@@ -138,14 +138,17 @@ class AgentStore:
         self.env = env
         self.db = {name: env.open_db(name.encode()) for name in DB_NAMES}
         self._lock_fd: int | None = None
+        self.synced = True  # every commit is on the disk when it returns (durability=disk)
 
     # -- opening ---------------------------------------------------------
 
     @staticmethod
-    def _open_env(path: Path, map_size: int) -> lmdb.Environment:
+    def _open_env(path: Path, map_size: int, sync: bool = True) -> lmdb.Environment:
+        # sync=False: a commit is written to the file (the kernel holds it, and keeps it
+        # through the death of this process) but not flushed to the disk; see `flush`.
         return lmdb.open(
             str(path), map_size=map_size, max_dbs=len(DB_NAMES) + 2, mode=0o600,
-            subdir=True, create=False, readahead=False, sync=True, metasync=True,
+            subdir=True, create=False, readahead=False, sync=sync, metasync=sync,
             max_readers=256,
         )
 
@@ -172,11 +175,15 @@ class AgentStore:
         return store
 
     @classmethod
-    def open(cls, path: Path, map_size: int = DEFAULT_MAP_SIZE) -> AgentStore:
+    def open(cls, path: Path, map_size: int = DEFAULT_MAP_SIZE,
+             sync: bool = True) -> AgentStore:
+        """Open the store at `path`; with `sync` False, commits are not flushed to the disk
+        as they happen but by `flush` (durability=daemon)."""
         path = Path(path)
         if not (path / "data.mdb").exists():
             raise FileNotFoundError(f"{path}: no store here (create one with `agentfs init`)")
-        store = cls(path, cls._open_env(path, map_size))
+        store = cls(path, cls._open_env(path, map_size, sync))
+        store.synced = sync
         with store.env.begin() as txn:
             version = txn.get(b"version", db=store.db["meta"])
         if version == b"1":
@@ -218,7 +225,13 @@ class AgentStore:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
+    def flush(self) -> None:
+        """Put what was committed on the disk (a no-op when every commit already is)."""
+        if not self.synced:
+            self.env.sync(True)
+
     def close(self) -> None:
+        self.flush()
         self.env.close()
         if self._lock_fd is not None:
             os.ftruncate(self._lock_fd, 0)

@@ -30,6 +30,7 @@ from .sandbox import Sandbox, SandboxedProgram, SandboxUnavailable, clean_enviro
 from .served import ServedProgram, tick_end
 from .spawn import Program, spawn
 from .state import TxnState
+from .status import RecentEvents
 from .store import AgentRecord, Txn
 from .units import format_duration
 
@@ -125,6 +126,14 @@ def reply_for(line: bytes, trigger: Message) -> Message:
     return message
 
 
+@dataclass(frozen=True)
+class TickStatistics:
+    running: int  # ticks whose programs run now
+    jobs: int  # how many may run at once
+    committed: RecentEvents  # ticks committed since the mount, and lately
+    failed: RecentEvents  # ticks that failed (rolled back) since the mount, and lately
+
+
 class TickEngine:
     def __init__(self, runtime: Runtime, mountpoint: str, jobs: int) -> None:
         self.runtime = runtime
@@ -148,6 +157,11 @@ class TickEngine:
         self.sandbox_up = trio.Event()  # set once the sandbox serves, or failed to
         self.sandbox_problem: str | None = None  # why ticks are refused, if they are
         self._served: dict[int, ServedProgram] = {}  # agents' programs in `serve on` mode
+        self._committed, self._failed = RecentEvents(), RecentEvents()
+
+    def statistics(self) -> TickStatistics:
+        return TickStatistics(len(self.running), int(self._limiter.total_tokens),
+                              self._committed, self._failed)
 
     # -- who is asking -------------------------------------------------------
 
@@ -439,6 +453,7 @@ class TickEngine:
             if outcome.ok:
                 try:
                     await runtime.committer.commit(lambda t: self._commit(t, tick, outcome))
+                    self._committed.add()
                     self._notify_delivered(tick)
                     for old in tick.dropped_names:
                         await runtime.name_dropped(old)
@@ -447,6 +462,7 @@ class TickEngine:
                                       duration=outcome.duration)
             if not outcome.ok:
                 await runtime.committer.commit(lambda t: self._fail(t, tick, outcome))
+                self._failed.add()
             if index in self._served:
                 with runtime.store.read() as txn:
                     record = runtime.store.require_agent(txn, index)

@@ -15,6 +15,7 @@ class Kind(enum.Enum):
     ALARMS = "alarms"
     TOKENS = "tokens"
     SECRETS = "secrets"
+    STATUS = "status"
     TICKS = ".tick"
     LINK = "name"
     AGENT = "agent"
@@ -50,6 +51,8 @@ ROOT_FILES = (
     ServedFile("nostr", Kind.NOSTR, stat.S_IFDIR | 0o755, stat.S_IFDIR | 0o555),
     # The owner's secrets, for the egress proxy: reads list them without their values.
     ServedFile("secrets", Kind.SECRETS, stat.S_IFREG | 0o600, stat.S_IFREG | 0o000),
+    # The daemon's own figures (ticks/s, commit latency, memory): agentfs ps and top read it.
+    ServedFile("status", Kind.STATUS, stat.S_IFREG | 0o400, stat.S_IFREG | 0o000),
 )
 
 # nostr/: the Nostr driver's relay list and how far it has read.

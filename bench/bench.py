@@ -1334,6 +1334,21 @@ def main() -> int:
             own1, _ = proc_cpu(fs.pid)
             notes += profiler.stop()
             fs.close()
+            log("state: agentfs state/, durability=daemon")
+            fs = AgentfsMount(base, "state-daemon", [*on, "durability=daemon"])
+            undo.append(fs.close)
+            fs.new_agents(["new st\n"])
+            relaxed = best_of(fs.mp / fs.npub("st") / "state", sizes)
+            fs.close()
+            mini = results["minifs"]
+            assert mini is not None
+            rows.append(("state/ create+write+close ops/s, durability=daemon",
+                         fmt_rate(relaxed["create"]),
+                         f"durability=disk {fmt_rate(results['agentfs']['create'])}; "
+                         f"minifs {fmt_rate(mini['create'])}",
+                         f"{relaxed['create'] / mini['create']:.2f} of minifs",
+                         "≥ 1.0 of minifs ("
+                         + ("yes" if relaxed["create"] >= mini["create"] else "no") + ")"))
 
             mine = results["agentfs"]
             assert mine is not None

@@ -169,6 +169,8 @@ def test_mount_errors(store: Store, tmp_path: Path) -> None:
         (["--store", str(tmp_path / "nothing"), str(mp)], "no store here"),
         (["--store", str(store.path), str(tmp_path / "missing")], "not a directory"),
         (["--store", str(store.path), "-o", "bogus", str(mp)], "unknown mount option"),
+        (["--store", str(store.path), "-o", "durability=fast", str(mp)],
+         "durability=fast: say durability=disk"),
     ]
     for args, message in cases:
         done = agentfs("mount", *args)

@@ -317,12 +317,12 @@ def test_hooks_choose_which_lifecycle_triggers_run_the_program(shared: Mount,
 
 
 def test_hooks_refuses_what_is_not_a_hook(shared: Mount) -> None:
-    shared.new_agent("hal")
+    shared.new_agent("hooky")
     for bad in ("hooks", "hooks fly", "hooks wake fly", "hooks all none"):
-        code = errno_of(lambda bad=bad: write_once(shared.agent("hal") / "ctl", bad + "\n"))
+        code = errno_of(lambda bad=bad: write_once(shared.agent("hooky") / "ctl", bad + "\n"))
         assert code == errno.EINVAL, bad
-    assert shared.status("hal")["hooks"] == "all"
-    refused = [r["error"] for r in shared.log("hal") if r["event"] == "refused"]
+    assert shared.status("hooky")["hooks"] == "all"
+    refused = [r["error"] for r in shared.log("hooky") if r["event"] == "refused"]
     assert len(refused) == 4 and "not a hook: 'fly'" in refused[1]
 
 

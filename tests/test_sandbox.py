@@ -396,13 +396,13 @@ def test_ports_rules_and_root_files_are_closed_to_ticks(mount: Mount, tmp_path: 
     results = probe(mount, tmp_path, "alice", f"""
 mp = {str(mount.mp)!r}
 for name in ("plumb/http", "plumb/rules", "tokens", "alarms", "ctl", "nostr/relays",
-             "secrets"):
+             "secrets", "status"):
     attempt(name.replace("/", "_"), lambda name=name: open(os.path.join(mp, name)).read(1))
 attempt("send", lambda: open(os.path.join(mp, "plumb/send"), "w").write("x"))
 attempt("list_ticks", lambda: os.listdir(os.path.join(mp, ".tick")))
 """)
     for name in ("plumb_http", "plumb_rules", "tokens", "alarms", "ctl", "nostr_relays",
-                 "secrets", "send", "list_ticks"):
+                 "secrets", "status", "send", "list_ticks"):
         assert results[name] == "EACCES", (name, results[name])
     # The queued message is still there for the driver.
     fd = os.open(mount.mp / "plumb/http", os.O_RDONLY)

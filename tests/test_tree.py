@@ -27,7 +27,7 @@ from conftest import (
 from agentfs.identity import agent_private_key, npub_encode, nsec_encode, public_key
 from agentfs.inbox import MAX_LINE
 
-ROOT_FILES = ["alarms", "ctl", "nostr", "plumb", "secrets", "tokens"]
+ROOT_FILES = ["alarms", "ctl", "nostr", "plumb", "secrets", "status", "tokens"]
 AGENT_FILES = ["budget", "ctl", "inbox", "log", "outbox", "state"]
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -80,11 +80,11 @@ def test_ctl_status_fields(mount: Mount) -> None:
     lines = (mount.mp / "alice" / "ctl").read_text().splitlines()
     assert [line.split(" ", 1)[0] for line in lines] == \
         ["npub", "name", "status", "ticks", "pending", "last", "program", "retries", "idle",
-         "serve", "alarm", "token", "net", "secret", "tool", "spend", "sandbox", "uid"]
+         "serve", "hooks", "alarm", "token", "net", "secret", "tool", "spend", "sandbox", "uid"]
     # Without a program its create trigger cannot run: it stays creating.
     assert mount.status("alice") == {"npub": npub, "name": "alice", "status": "creating",
                                      "ticks": "0", "pending": "0", "last": "-", "program": "-",
-                                     "retries": "3", "idle": "30s", "serve": "off",
+                                     "retries": "3", "idle": "30s", "serve": "off", "hooks": "all",
                                      "alarm": "-", "token": "-",
                                      "net": "-", "secret": "-", "tool": "-", "spend": "-",
                                      "sandbox": "on", "uid": str(UID_BASE)}  # agent 0
@@ -142,7 +142,7 @@ def test_root_file_names_are_no_agent_names(mount: Mount) -> None:
     assert not any(os.path.islink(mp / name) for name in ROOT_FILES)
     assert (mp / "tokens").read_text() == ""  # still the root's file: no agent has a token
     why = ("the root has a file of that name (reserved: .tick alarms ctl nostr plumb secrets "
-           "tokens)")
+           "status tokens)")
     daemon_log = (mount.store.path / "daemon.log").read_text()
     for name in [*ROOT_FILES, ".tick"]:
         assert f"refused write root ctl: name {name!r}: {why}" in daemon_log, name
