@@ -14,7 +14,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import sandbox
+from . import sandbox, status
 from .fs import AgentFs
 from .notify import ServiceNotifier
 from .runtime import Runtime
@@ -173,9 +173,10 @@ async def _tell_service_manager(runtime: Runtime, notifier: ServiceNotifier) -> 
 
 
 def _status_line(runtime: Runtime) -> str:
-    figures = runtime.statistics()
-    return (f"serving {runtime.engine.mountpoint}: agents {figures.agents}, "
-            f"awake {figures.awake}, ticks running {figures.ticks_running}")
+    """A few figures of the root `status` file (agentfs(4)), for `systemctl status`."""
+    agents, awake = status.agent_counts(runtime)
+    return (f"serving {runtime.engine.mountpoint}: agents {agents}, awake {awake}, "
+            f"ticks running {runtime.engine.statistics().running}")
 
 
 STOP_WAIT = 5.0  # seconds the FUSE loop goes on serving the killed ticks, at most

@@ -11,7 +11,6 @@ import errno
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TypeVar
 
 import trio
@@ -38,13 +37,6 @@ MAX_HOPS = 16  # agents a message may pass through, each answering the last
 # Bytes of messages the daemon holds for one tick until it commits (what it sent, queued
 # for itself, and its partial lines): as much as it may print on standard output.
 MAX_TICK_MESSAGES = MAX_STDOUT
-
-
-@dataclass(frozen=True)
-class RuntimeStatistics:
-    agents: int  # every agent of the store, asleep or not
-    awake: int  # creating, active, or with a lifecycle trigger to run
-    ticks_running: int
 
 
 class Runtime:
@@ -82,11 +74,6 @@ class Runtime:
             else:
                 await nursery.start(self.egress.run)
             task_status.started()
-
-    def statistics(self) -> RuntimeStatistics:
-        with self.store.read() as txn:
-            return RuntimeStatistics(self.store.count(txn, "agents"),
-                                     self.store.count(txn, "awake"), len(self.engine.running))
 
     @asynccontextmanager
     async def agent_lock(self, index: int) -> AsyncIterator[None]:

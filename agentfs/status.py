@@ -82,12 +82,18 @@ def _milliseconds(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.3f}ms"
 
 
+def agent_counts(runtime: Runtime) -> tuple[int, int]:
+    """(agents, awake): every agent of the store, and those not asleep; this file's figures,
+    and the daemon's STATUS= line under systemd."""
+    with runtime.store.read() as txn:
+        # Agents are never removed; the awake index is counted, not read.
+        return runtime.store.next_index(txn), runtime.store.count(txn, "awake")
+
+
 def render(runtime: Runtime) -> bytes:
     engine, commits = runtime.engine.statistics(), runtime.committer.statistics()
     started, started_at = runtime.started
-    with runtime.store.read() as txn:
-        agents = runtime.store.next_index(txn)  # agents are never removed
-        awake = sum(1 for _index in runtime.store.awake(txn))
+    agents, awake = agent_counts(runtime)
     lines = [
         ("pid", str(os.getpid())),
         ("started", started),
