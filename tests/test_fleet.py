@@ -26,7 +26,8 @@ from agentfs.units import parse_duration
 AGENTFS_SH = shlex.join(AGENTFS)
 STATUS_KEYS = ["pid", "started", "uptime", "agents", "awake", "running", "jobs", "ticks",
                "failed_ticks", "ticks_per_s", "commits", "transactions_per_s",
-               "commit_latency_p50", "commit_latency_p99", "rss_bytes", "sandbox", "time"]
+               "commit_latency_p50", "commit_latency_p99", "rss_bytes", "sandbox", "durability",
+               "time"]
 PS_HEADER = ["NAME", "STATUS", "TICKS", "PENDING", "LAST", "RESULT", "COMPUTE", "STORAGE",
              "NPUB"]
 
