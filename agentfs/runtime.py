@@ -16,6 +16,7 @@ import trio
 
 from . import budget, caps, errors, lifecycle, state
 from .alarms import Alarm, Alarms
+from .audit import AuditLog
 from .committer import CommitQueue
 from .ctl import OWNER_VERBS, TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_program
 from .egress import Egress
@@ -46,9 +47,9 @@ class Runtime:
         self.sandbox = sandbox
         self.inbox = Inbox(store)
         self.outbox = Journal(store, "outbox")
-        self.log = Journal(store, "log")
+        self.log = AuditLog(store)
         self.alarms = Alarms(store)
-        self.committer = CommitQueue(store)
+        self.committer = CommitQueue(store, seal=self.log.seal)
         self.engine = TickEngine(self, mountpoint, jobs)
         self.plumbing = Plumbing(self)
         self.nostr = NostrBridge(self)
@@ -172,6 +173,13 @@ class Runtime:
         with self.store.read() as txn:
             record = self.store.require_agent(txn, index)
             return budget.render(record, self.storage_bytes(txn, index)).encode()
+
+    def head_text(self, index: int) -> bytes:
+        """The log's signed head, a Nostr event as one JSON line (empty before any record)."""
+        with self.store.read() as txn:
+            self.store.require_agent(txn, index)
+            head = self.log.head(txn, index)
+        return b"" if head is None else head + b"\n"
 
     def inbox_text(self, index: int, tick: RunningTick | None = None) -> bytes:
         with self.store.read() as txn:

@@ -17,6 +17,7 @@ Layout (named databases; an agent is its 4-byte big-endian creation index `ix`):
               active, or with a lifecycle trigger to run); kept by `put_agent`
     tokens    ix -> b"": agents with a bearer token (the root file `tokens`); by `put_agent`
     secrets   name -> the root file `secrets`' entry, its value sealed (see factotum.py)
+    heads     ix -> the signed head of the agent's log, a Nostr event as JSON (see audit.py)
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ import lmdb
 from . import errors
 from .identity import npub_encode
 
-STORE_VERSION = 2  # 2: lifecycle hooks, the awake index, alarms
+STORE_VERSION = 3  # 2: lifecycle hooks, the awake index, alarms; 3: the log's hash chain
 # How far the Nostr driver has read (unix seconds): from the store's birth at first.
 NOSTR_SINCE_KEY = b"nostr-since"
 DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters",
-            "seen", "ports", "alarms", "awake", "tokens", "secrets")
+            "seen", "ports", "alarms", "awake", "tokens", "secrets", "heads")
 
 # Address space only: LMDB grows the file as pages are written, not to the map size.
 DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
@@ -127,10 +128,10 @@ class StoreInUse(Exception):
 class AgentStore:
     """An open store: the LMDB environment, its databases and the daemon lock."""
 
-    def __init__(self, path: Path, env: lmdb.Environment) -> None:
+    def __init__(self, path: Path, env: lmdb.Environment, create_dbs: bool = True) -> None:
         self.path = path
         self.env = env
-        self.db = {name: env.open_db(name.encode()) for name in DB_NAMES}
+        self.db = {name: env.open_db(name.encode(), create=create_dbs) for name in DB_NAMES}
         self._lock_fd: int | None = None
 
     # -- opening ---------------------------------------------------------
@@ -176,11 +177,36 @@ class AgentStore:
         if version == b"1":
             store._migrate_from_1()
             version = str(STORE_VERSION).encode()
+        elif version == b"2":
+            # Version 2 logs have no hash chain: their records stay as they are (offsets are
+            # stable), and the chain starts with the next record (see audit.py).  The bump
+            # keeps an older agentfs, which would append unchained records, from opening it.
+            with store.env.begin(write=True) as txn:
+                txn.put(b"version", str(STORE_VERSION).encode(), db=store.db["meta"])
+            version = str(STORE_VERSION).encode()
         if version != str(STORE_VERSION).encode():
             store.close()
             raise ValueError(
                 f"{path}: store version {version!r}, this agentfs reads {STORE_VERSION}")
         return store
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> AgentStore:
+        """The store for reading only, beside a daemon that may be serving it (no lock, no
+        migration): what `agentfs verify` reads."""
+        path = Path(path)
+        if not (path / "data.mdb").exists():
+            raise FileNotFoundError(f"{path}: no store here")
+        env = lmdb.open(str(path), max_dbs=len(DB_NAMES) + 2, subdir=True, readonly=True,
+                        readahead=False, max_readers=256)
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            version = txn.get(b"version", db=meta)
+        if version != str(STORE_VERSION).encode():
+            env.close()
+            raise ValueError(f"{path}: store version {version!r}, this agentfs reads "
+                             f"{STORE_VERSION} (mount it once with this agentfs)")
+        return cls(path, env, create_dbs=False)
 
     def _migrate_from_1(self) -> None:
         """Version 1 had no lifecycle: an agent still `creating` is owed its `create`, and

@@ -28,7 +28,7 @@ from agentfs.identity import agent_private_key, npub_encode, nsec_encode, public
 from agentfs.inbox import MAX_LINE
 
 ROOT_FILES = ["alarms", "ctl", "nostr", "plumb", "secrets", "tokens"]
-AGENT_FILES = ["budget", "ctl", "inbox", "log", "outbox", "state"]
+AGENT_FILES = ["budget", "ctl", "head", "inbox", "log", "outbox", "state"]
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
 

@@ -1,0 +1,194 @@
+"""The verifiable audit trail: each `log` record names the hash of the one before it, and
+each commit signs the head of every log it grew, as a Nostr event of the agent's key.
+
+The chain: a record's `prev` is the SHA-256 (hex) of the previous record's line, its bytes
+exactly as the log serves them, newline included; the first record's `prev` is the agent's
+public key (hex).  The head: a NIP-78 event (kind 30078, `d` tag `agentfs/log`) whose
+`size` tag is the log's length in bytes and whose `head` tag is the SHA-256 of its last
+line.  `check_log` is the other side: what a third party runs over a copy of the log and
+the head, as `agentfs verify` does over the store.  agentfs(4) describes both in prose.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .identity import agent_private_key, public_key
+from .journal import Journal, encode_line
+from .nostr.event import Event, check, sign_digest, to_json, unsigned
+from .store import AgentStore, Txn, agent_key
+
+# NIP-78's kind, "arbitrary custom app data", addressable: a relay keeps one head per agent.
+HEAD_KIND = 30078
+HEAD_D = "agentfs/log"
+HEAD_ALT = "agentfs: the signed head of an agent's audit log"
+
+
+def line_hash(line: bytes) -> str:
+    """What the next record's `prev` holds, and a head's `head` tag: SHA-256, hex."""
+    return hashlib.sha256(line).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _signing_key(mnemonic: str, index: int) -> tuple[bytes, str]:
+    # Deriving an agent's key costs 0.5 ms, three times what signing its head does, and
+    # every commit signs: keep recent agents' keys (the mnemonic is held already anyway).
+    secret = agent_private_key(mnemonic, index)
+    return secret, public_key(secret).hex()
+
+
+def sign_head(mnemonic: str, index: int, size: int, head: str,
+              created_at: int | None = None) -> Event:
+    """Agent `index`'s signed head for a log of `size` bytes whose last line hashes to `head`."""
+    secret, pubkey = _signing_key(mnemonic, index)
+    tags = [["d", HEAD_D], ["size", str(size)], ["head", head], ["alt", HEAD_ALT]]
+    draft = unsigned(pubkey, HEAD_KIND, "", tags,
+                     int(time.time()) if created_at is None else created_at)
+    sig = sign_digest(secret, bytes.fromhex(draft.id)).hex()
+    return Event(draft.id, draft.pubkey, draft.created_at, draft.kind, draft.tags,
+                 draft.content, sig)
+
+
+class AuditLog(Journal):
+    """The `log` journal, chained; `seal`, run once at the end of every group commit, signs
+    the heads of the logs that grew in it."""
+
+    def __init__(self, store: AgentStore) -> None:
+        super().__init__(store, "log")
+        self.heads = store.db["heads"]
+        # Agents whose log had a record appended since the last seal.  Only the committer's
+        # thread appends and seals: no lock.  A record rolled back with its transaction
+        # leaves its agent here: its head is signed again, unchanged, which is harmless.
+        self._grown: set[int] = set()
+
+    def append(self, txn: Txn, index: int, record: dict[str, Any]) -> int:
+        last = self.last(txn, index)
+        if last is None:
+            offset, prev = 0, self.store.require_agent(txn, index).pubkey
+        else:
+            offset, prev = last[0] + len(last[1]), line_hash(last[1])
+        self.put(txn, index, offset, encode_line({**record, "prev": prev}))
+        self._grown.add(index)
+        return offset
+
+    def seal(self, txn: Txn) -> None:
+        """Sign the head of each log that grew: in the batch's transaction, before its commit."""
+        grown, self._grown = self._grown, set()
+        if not grown:
+            return
+        mnemonic = self.store.mnemonic(txn)
+        now = int(time.time())
+        for index in grown:
+            last = self.last(txn, index)
+            if last is None:
+                continue  # the agent's making was rolled back: there is no log
+            event = sign_head(mnemonic, index, last[0] + len(last[1]), line_hash(last[1]), now)
+            txn.put(agent_key(index), to_json(event).encode(), db=self.heads)
+
+    def head(self, txn: Txn, index: int) -> bytes | None:
+        raw = txn.get(agent_key(index), db=self.heads)
+        return None if raw is None else bytes(raw)
+
+
+# -- checking -------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    """What `check_log` found: `problem` is None when everything checks."""
+
+    records: int = 0  # records read
+    unchained: int = 0  # leading records from before the chain (a store older than it)
+    signed: int = 0  # records the head covers
+    head_time: int | None = None  # the head's created_at
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def head_fields(event: Event, pubkey: str) -> tuple[int, str]:
+    """The (size, head) a signed head states; ValueError saying what is wrong with it."""
+    check(event)
+    if event.pubkey != pubkey:
+        raise ValueError(f"the head is signed by {event.pubkey}, not the agent ({pubkey})")
+    tags = {tag[0]: tag[1] for tag in event.tags if len(tag) >= 2}
+    if event.kind != HEAD_KIND or tags.get("d") != HEAD_D:
+        raise ValueError(f"the head is not a kind {HEAD_KIND} event with d tag {HEAD_D}")
+    size, head = tags.get("size", ""), tags.get("head", "")
+    if not size.isdigit() or len(head) != 64:
+        raise ValueError("the head lacks a size tag (bytes) or a head tag (a SHA-256)")
+    return int(size), head
+
+
+def check_log(lines: Iterable[bytes], pubkey: str, head: Event | None,
+              tail_allowed: bool = False) -> Verdict:
+    """Check a log's lines (each with its newline) against its chain and its signed head.
+
+    `pubkey` is the agent's (hex).  `head` None: the log has no signed head, which is a
+    problem unless every record is from before the chain.  With `tail_allowed`, records
+    after the head are fine (a copy of the log made after the head was read); in the
+    store, where every commit signs, they are not.
+    """
+    verdict = Verdict()
+    signed_size, signed_hash = None, ""
+    if head is not None:
+        try:
+            signed_size, signed_hash = head_fields(head, pubkey)
+        except ValueError as e:
+            verdict.problem = f"the signed head does not check: {e}"
+            return verdict
+        verdict.head_time = head.created_at
+    end, prev = 0, pubkey
+    for n, line in enumerate(lines, start=1):
+        verdict.records = n
+        where = f"record {n} (byte {end})"
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not line.endswith(b"\n") or not isinstance(record, dict):
+            verdict.problem = f"{where} is not a JSON object on one line"
+            return verdict
+        if "prev" not in record and verdict.unchained == n - 1:
+            verdict.unchained = n  # every record so far predates the chain
+        elif record.get("prev") != prev:
+            if "prev" not in record:
+                why = "it has no prev"
+            elif n == 1:
+                why = "its prev is not the agent's public key: records before it were removed"
+            else:
+                why = (f"its prev is not the SHA-256 of record {n - 1}: record {n - 1} was "
+                       "changed, or records were removed or moved between them")
+            verdict.problem = f"{where} does not follow the chain: {why}"
+            return verdict
+        end += len(line)
+        prev = line_hash(line)
+        if signed_size is not None and verdict.signed == 0 and end >= signed_size:
+            if end != signed_size:
+                verdict.problem = (f"{where} does not check: the signed head ends at byte "
+                                   f"{signed_size}, inside it")
+                return verdict
+            if prev != signed_hash:
+                verdict.problem = (f"{where} does not check: it is the last record the head "
+                                   "signs, and its SHA-256 is not the head's")
+                return verdict
+            verdict.signed = n
+    if signed_size is None:
+        if verdict.records > verdict.unchained:
+            verdict.problem = (f"records {verdict.unchained + 1}-{verdict.records} are "
+                               "chained but no signed head covers them")
+    elif verdict.signed == 0:
+        verdict.problem = (f"the log ends at byte {end}, before the {signed_size} bytes its "
+                           "signed head covers: records were removed from its end")
+    elif verdict.signed < verdict.records and not tail_allowed:
+        verdict.problem = (f"record {verdict.signed + 1} does not check: no signed head covers "
+                           f"it (the head signs records 1-{verdict.signed})")
+    return verdict
