@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import lmdb
+
 from . import audit, identity
 from .nostr import cli as nostr_cli
 from .nostr import event as nostr_event
@@ -62,7 +64,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print("agentfs: verify needs an agent's name or npub, or --log and --head",
               file=sys.stderr)
         return 2
-    store = AgentStore.open_readonly(Path(args.store) if args.store else default_store_path())
+    try:
+        store = AgentStore.open_readonly(Path(args.store) if args.store else
+                                         default_store_path())
+    except (OSError, ValueError, lmdb.Error) as e:
+        print(f"agentfs: {e}", file=sys.stderr)
+        return 2
     try:
         with store.read() as txn:
             index = None
@@ -79,7 +86,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raw = txn.get(agent_key(record.index), db=store.db["heads"])
     finally:
         store.close()
-    head = None if raw is None else nostr_event.from_json(bytes(raw))
+    head = None if raw is None else nostr_event.from_json(bytes(raw))  # the daemon's own
     verdict = audit.check_log(lines, record.pubkey, head)
     who = f"{record.npub} ({record.name})" if record.name else record.npub
     print(f"{who}: {_verdict_text(verdict)}")
@@ -91,8 +98,15 @@ def _verify_files(args: argparse.Namespace) -> int:
     if args.head is None:
         print("agentfs: verify --log needs --head", file=sys.stderr)
         return 2
-    text = Path(args.head).read_text().strip()
-    head = nostr_event.from_json(text) if text else None
+    try:
+        text = Path(args.head).read_text().strip()
+        head = nostr_event.from_json(text) if text else None
+    except OSError as e:
+        print(f"agentfs: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"{args.head}: not a Nostr event: {e}")
+        return 1
     if args.npub is not None:
         pubkey = identity.npub_decode(args.npub).hex()
     elif head is not None:
@@ -100,8 +114,12 @@ def _verify_files(args: argparse.Namespace) -> int:
     else:
         print("agentfs: the head file is empty: give --npub", file=sys.stderr)
         return 2
-    with open(args.log, "rb") as f:
-        verdict = audit.check_log(f, pubkey, head, tail_allowed=True)
+    try:
+        with open(args.log, "rb") as f:
+            verdict = audit.check_log(f, pubkey, head, tail_allowed=True)
+    except OSError as e:
+        print(f"agentfs: {e}", file=sys.stderr)
+        return 2
     print(f"{identity.npub_encode(bytes.fromhex(pubkey))}: {_verdict_text(verdict)}")
     return 0 if verdict.ok else 1
 

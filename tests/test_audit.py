@@ -11,7 +11,7 @@ from pathlib import Path
 import lmdb
 import nostr_sdk as sdk
 import pytest
-from conftest import AGENTFS, READ_TRIGGER, Mount, script, sh
+from conftest import AGENTFS, READ_TRIGGER, Mount, Store, script, sh
 
 from agentfs.identity import npub_decode
 from agentfs.store import agent_key
@@ -181,3 +181,46 @@ def test_verify_catches_a_log_cut_short_and_a_forged_head(mount: Mount, tmp_path
                           timeout=60)
     assert done.returncode == 1
     assert "the signed head does not check: event id does not match" in done.stdout, done.stdout
+
+
+def test_a_store_from_before_the_chain_is_chained_from_its_next_record(
+        mount: Mount, tmp_path: Path) -> None:
+    """A version 2 store's records stay as they were (offsets too); the chain starts after."""
+    agent = busy_agent(mount, tmp_path, "old", 1)
+    mount.stop()
+    store = mount.store.path
+    env = lmdb.open(str(store), max_dbs=32)
+    try:
+        log, heads, meta = (env.open_db(n, create=False) for n in (b"log", b"heads", b"meta"))
+        with env.begin(write=True) as txn:  # as version 2 wrote them: no prev, no head
+            old = [json.loads(v) for k, v in txn.cursor(db=log) if k.startswith(agent_key(0))]
+            offset = 0
+            for key, _ in list(txn.cursor(db=log)):
+                txn.delete(key, db=log)
+            for record in old:
+                del record["prev"]
+                line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+                txn.put(agent_key(0) + offset.to_bytes(8, "big"), line, db=log)
+                offset += len(line)
+            assert txn.delete(agent_key(0), db=heads)
+            txn.put(b"version", b"2", db=meta)
+    finally:
+        env.close()
+    done = verify(store, "old")
+    assert done.returncode == 2 and "store version b'2'" in done.stderr
+    mount.start()
+    before = (agent / "log").read_bytes()
+    sh(f"echo 'after the upgrade' > {agent}/inbox")
+    mount.wait_ticks("old", 3)
+    records = mount.log("old")
+    assert (agent / "log").read_bytes().startswith(before)
+    assert "prev" not in records[len(old) - 1] and "prev" in records[len(old)]
+    done = verify(store, "old")
+    assert done.returncode == 0, done.stdout
+    assert f"records 1-{len(old)} predate the chain" in done.stdout
+
+
+def test_verify_without_such_an_agent(store: Store) -> None:
+    done = subprocess.run([*AGENTFS, "verify", "--store", str(store.path), "nobody"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no agent 'nobody'" in done.stderr
