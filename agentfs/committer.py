@@ -45,6 +45,8 @@ class CommitQueue:
                  seal: Callable[[Txn], None] | None = None) -> None:
         self.store = store
         self.seal = seal
+        # Called in the event loop after each commit (the head publisher's cue).
+        self.committed: Callable[[], None] = _nothing
         self.max_batch = max_batch
         self._queue: list[_Pending[Any]] = []
         self._wakeup = trio.Event()
@@ -75,6 +77,7 @@ class CommitQueue:
                     await trio.to_thread.run_sync(self._apply_batch, batch)
                 for pending in batch:
                     pending.done.set()
+                self.committed()
 
     def _apply_batch(self, batch: list[_Pending[Any]]) -> None:
         env = self.store.env
@@ -118,3 +121,7 @@ class CommitQueue:
             raise  # the commit would fail too: as any other transaction's error
         except Exception:  # noqa: BLE001 - what the batch did is acknowledged all the same
             log.exception("signing the logs' heads failed: `agentfs verify` will say so")
+
+
+def _nothing() -> None:
+    pass

@@ -49,11 +49,12 @@ class NewAgent:
 
 
 AGENT_VERBS = {"wake", "program", "name", "sleep", "terminate", "recover", "retries",
-               "checkpoint", "charge", "spend", "alarm", "idle", "token", *caps.VERBS}
+               "checkpoint", "charge", "spend", "alarm", "idle", "token", "publish",
+               *caps.VERBS}
 # Verbs only a running tick may write, through its own AGENT_DIR/ctl.
 TICK_VERBS = {"checkpoint", "charge", "spend"}
 # Verbs only written from outside the agent: its owner's settings.
-OWNER_VERBS = {"retries", "token"}
+OWNER_VERBS = {"retries", "token", "publish"}
 TOKEN_RE = re.compile(r"^[\x21-\x7e]{16,256}$")
 
 
@@ -127,6 +128,10 @@ def parse_agent_ctl(data: bytes) -> list[Command]:
             else:
                 raise errors.invalid("ctl: usage: token SECRET (16-256 printable ASCII "
                                      "characters, no spaces) | token none")
+        elif verb == "publish":
+            if rest not in ("heads", "none"):
+                raise errors.invalid("ctl: usage: publish heads | publish none")
+            commands.append(Command(verb, (rest,)))
         elif verb in caps.VERBS:
             commands.append(Command(verb, caps.parse(verb, _words(rest, verb))))
         elif verb == "spend":

@@ -16,7 +16,7 @@ import trio
 
 from . import budget, caps, errors, lifecycle, state
 from .alarms import Alarm, Alarms
-from .audit import AuditLog
+from .audit import AuditLog, HeadPublisher
 from .committer import CommitQueue
 from .ctl import OWNER_VERBS, TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_program
 from .egress import Egress
@@ -50,6 +50,8 @@ class Runtime:
         self.log = AuditLog(store)
         self.alarms = Alarms(store)
         self.committer = CommitQueue(store, seal=self.log.seal)
+        self.publisher = HeadPublisher(self)
+        self.committer.committed = self.publisher.committed
         self.engine = TickEngine(self, mountpoint, jobs)
         self.plumbing = Plumbing(self)
         self.nostr = NostrBridge(self)
@@ -66,6 +68,7 @@ class Runtime:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.committer.run)
             await nursery.start(self.engine.run)
+            nursery.start_soon(self.publisher.run)
             self.refusals.nursery = nursery
             if self.sandbox is not None:
                 # The proxy serves inside the sandbox's network namespace, once it is up.
@@ -139,6 +142,7 @@ class Runtime:
                                      else record.idle)),
             ("alarm", alarm.describe() if (alarm := Alarm.decode(record.alarm)) else "-"),
             ("token", "set" if record.token else "-"),
+            ("publish", "heads" if record.publish else "none"),
             *caps.shown(record),
             ("sandbox", self.sandbox_state()),
         ]
@@ -362,6 +366,8 @@ class Runtime:
             record.idle = float(command.args[0])
         elif verb == "token":
             record.token = command.args[0] or None
+        elif verb == "publish":
+            record.publish = command.args[0] == "heads"
         elif verb in caps.VERBS:
             caps.apply(record, command)
 

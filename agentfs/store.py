@@ -18,6 +18,7 @@ Layout (named databases; an agent is its 4-byte big-endian creation index `ix`):
     tokens    ix -> b"": agents with a bearer token (the root file `tokens`); by `put_agent`
     secrets   name -> the root file `secrets`' entry, its value sealed (see factotum.py)
     heads     ix -> the signed head of the agent's log, a Nostr event as JSON (see audit.py)
+    publish   ix -> b"": agents whose heads go out through the nostr port; by `put_agent`
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ STORE_VERSION = 3  # 2: lifecycle hooks, the awake index, alarms; 3: the log's h
 # How far the Nostr driver has read (unix seconds): from the store's birth at first.
 NOSTR_SINCE_KEY = b"nostr-since"
 DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters",
-            "seen", "ports", "alarms", "awake", "tokens", "secrets", "heads")
+            "seen", "ports", "alarms", "awake", "tokens", "secrets", "heads", "publish")
 
 # Address space only: LMDB grows the file as pages are written, not to the map size.
 DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
@@ -97,6 +98,7 @@ class AgentRecord:
     alarm: dict[str, Any] | None = None  # see alarms.Alarm
     token: str | None = None  # SHA-256 (hex) of the bearer token the HTTP driver checks
     caps: dict[str, list[str]] = field(default_factory=dict)  # granted: see caps.py
+    publish: bool = False  # its log's signed heads go out through the nostr port
 
     @property
     def awake(self) -> bool:
@@ -274,7 +276,8 @@ class AgentStore:
     def put_agent(self, txn: Txn, record: AgentRecord) -> None:
         key = agent_key(record.index)
         txn.put(key, record.encode(), db=self.db["agents"])
-        for index_db, member in (("awake", record.awake), ("tokens", bool(record.token))):
+        for index_db, member in (("awake", record.awake), ("tokens", bool(record.token)),
+                                 ("publish", record.publish)):
             if member:
                 txn.put(key, b"", db=self.db[index_db])
             else:

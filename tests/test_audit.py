@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
 import nostr_sdk as sdk
 import pytest
-from conftest import AGENTFS, READ_TRIGGER, Mount, Store, script, sh
+from conftest import AGENTFS, READ_TRIGGER, Mount, Store, script, sh, wait_until
+from nostr_driving import NostrDriver, nostr_drivers  # noqa: F401  (the fixture `drivers`)
+from relay import Relay, query
 
 from agentfs.identity import npub_decode
+from agentfs.nostr.event import Event, to_json
 from agentfs.store import agent_key
 
 PROGRAM = READ_TRIGGER + 'echo "$trigger" | jq -r .data > "$AGENT_DIR/state/last"\n'
@@ -224,3 +228,49 @@ def test_verify_without_such_an_agent(store: Store) -> None:
     done = subprocess.run([*AGENTFS, "verify", "--store", str(store.path), "nobody"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no agent 'nobody'" in done.stderr
+
+
+def test_published_heads_reach_a_relay_and_check_there(
+        mount: Mount, relay: Relay, drivers: Callable[..., NostrDriver], tmp_path: Path) -> None:
+    """`publish heads`: the heads go out through the nostr port; a relay keeps the latest,
+    which checks against the log with nothing but the two (and nostr-sdk agrees)."""
+    (mount.mp / "plumb" / "rules").write_text("dst matches 'npub1[02-9ac-hj-np-z]+'\n"
+                                               "plumb to nostr\n")
+    (mount.mp / "nostr" / "relays").write_text(relay.url + "\n")
+    npub = mount.new_agent("open", script(tmp_path, "p.sh", PROGRAM))
+    mount.created("open")
+    agent = mount.agent("open")
+    assert mount.status("open")["publish"] == "none"
+    sh(f"echo 'idle 1h' > {agent}/ctl")
+    drivers(mount, tmp_path / "driver.log")
+    pubkey = npub_decode(npub).hex()
+    assert query(relay.url, {"kinds": [30078], "authors": [pubkey]}) == []
+    sh(f"echo 'publish heads' > {agent}/ctl")
+    assert mount.status("open")["publish"] == "heads"
+    for n in range(3):
+        sh(f"echo 'message {n}' > {agent}/inbox")
+        mount.wait_ticks("open", n + 2)
+    size = str((agent / "log").stat().st_size)
+
+    def latest() -> list[Event] | None:
+        found = query(relay.url, {"kinds": [30078], "authors": [pubkey], "#d": ["agentfs/log"]})
+        sizes = [tag[1] for event in found for tag in event.tags if tag[0] == "size"]
+        return found if sizes == [size] else None
+
+    [head] = wait_until(latest, 20, "the latest head on the relay")
+    (tmp_path / "head.json").write_text(to_json(head))
+    assert sdk.Event.from_json(to_json(head)).verify()
+    sh(f"cat {agent}/log > {tmp_path}/log.jsonl")
+    done = subprocess.run([*AGENTFS, "verify", "--log", str(tmp_path / "log.jsonl"), "--head",
+                           str(tmp_path / "head.json"), "--npub", npub],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = len((agent / "log").read_bytes().splitlines())
+    assert f"covers records 1-{records}" in done.stdout
+
+    # Off again: what the agent does from now on stays in the store.
+    sh(f"echo 'publish none' > {agent}/ctl")
+    sh(f"echo 'quiet' > {agent}/inbox")
+    mount.wait_ticks("open", 5)
+    assert mount.log("open")[-2]["command"] == "publish none"
+    assert {e.id for e in query(relay.url, {"kinds": [30078], "authors": [pubkey]})} == {head.id}
