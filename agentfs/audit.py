@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from coincurve import PrivateKey
 
+from . import errors
 from .identity import agent_private_key, public_key
 from .journal import Journal, encode_line
 from .nostr.bridge import PORT as NOSTR_PORT
@@ -33,6 +35,7 @@ from .store import AgentStore, Txn, agent_key
 if TYPE_CHECKING:
     from .runtime import Runtime
 
+log = logging.getLogger("agentfs")
 # NIP-78's kind, "arbitrary custom app data", addressable: a relay keeps one head per agent.
 HEAD_KIND = 30078
 HEAD_D = "agentfs/log"
@@ -134,7 +137,11 @@ class HeadPublisher:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             await trio.sleep(PUBLISH_INTERVAL)  # what a second brings goes in one commit
-            delivered = await self.runtime.committer.commit(self._queue)
+            try:
+                delivered = await self.runtime.committer.commit(self._queue)
+            except errors.FsError as e:  # the store could not commit: the next commit retries
+                log.error("publishing signed heads failed: %s", e.message)
+                continue
             self.runtime.plumbing.announce(delivered)
 
     def _queue(self, txn: Txn) -> Delivered:

@@ -129,6 +129,9 @@ def _verdict_text(verdict: audit.Verdict) -> str:
         return verdict.problem
     if verdict.records == 0:
         return "the log is empty"
+    if verdict.unchained == verdict.records:
+        return (f"{verdict.records} records, all from before the chain (a store from before "
+                "it): nothing to check")
     parts = [f"{verdict.records} records check"]
     if verdict.head_time is not None:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(verdict.head_time))
