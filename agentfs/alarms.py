@@ -121,6 +121,12 @@ class Alarms:
         if alarm is not None:
             txn.put(self._key(alarm, record.index), b"", db=self.db)
 
+    def restore(self, txn: Txn, record: AgentRecord) -> None:
+        """Index the alarm a record came with (an imported agent's), as it was set."""
+        alarm = Alarm.decode(record.alarm)
+        if alarm is not None:
+            txn.put(self._key(alarm, record.index), b"", db=self.db)
+
     def fired(self, txn: Txn, record: AgentRecord, message: Message,
               now: float | None = None) -> bool | None:
         """For an inbox message with an alarm id: True if it is the agent's alarm firing

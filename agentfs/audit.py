@@ -11,7 +11,6 @@ the head, as `agentfs verify` does over the store.  agentfs(4) describes both in
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -24,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 from coincurve import PrivateKey
 
-from . import errors
-from .identity import agent_private_key, public_key
+from . import errors, keyring
+from .identity import public_key
 from .journal import Journal, encode_line
 from .nostr.bridge import PORT as NOSTR_PORT
 from .nostr.event import Event, check, from_json, to_json, unsigned
@@ -50,19 +49,35 @@ def line_hash(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
-@functools.lru_cache(maxsize=4096)
-def _signing_key(mnemonic: str, index: int) -> tuple[PrivateKey, str]:
-    # Deriving an agent's key costs 0.5 ms and making its PrivateKey a third of what a
-    # signature does, and every commit signs: keep recent agents' keys (the daemon holds
-    # the mnemonic they come from anyway).
-    secret = agent_private_key(mnemonic, index)
-    return PrivateKey(secret), public_key(secret).hex()
+# Agents whose signing keys the daemon keeps (see `SigningKeys`).
+KEPT_KEYS = 4096
 
 
-def sign_head(mnemonic: str, index: int, size: int, head: str,
+class SigningKeys:
+    """A store's agents' keys, as signing keys: deriving one costs 0.5 ms and making its
+    PrivateKey a third of what a signature does, and every commit signs, so recent agents'
+    keys are kept (the daemon holds the mnemonic, and the seal of imported keys, anyway).
+    An agent's index never changes hands: what is kept stays right."""
+
+    def __init__(self, store: AgentStore) -> None:
+        self.store = store
+        self._kept: dict[int, tuple[PrivateKey, str]] = {}
+
+    def get(self, txn: Txn, index: int) -> tuple[PrivateKey, str]:
+        kept = self._kept.get(index)
+        if kept is None:
+            if len(self._kept) >= KEPT_KEYS:
+                self._kept.pop(next(iter(self._kept)))  # the oldest kept
+            secret = keyring.agent_secret(self.store, txn, index)
+            kept = self._kept[index] = (PrivateKey(secret), public_key(secret).hex())
+        return kept
+
+
+def sign_head(signer: tuple[PrivateKey, str], size: int, head: str,
               created_at: int | None = None) -> Event:
-    """Agent `index`'s signed head for a log of `size` bytes whose last line hashes to `head`."""
-    key, pubkey = _signing_key(mnemonic, index)
+    """The head signed by `signer` (a `SigningKeys` entry) for a log of `size` bytes whose
+    last line hashes to `head`."""
+    key, pubkey = signer
     tags = [["d", HEAD_D], ["size", str(size)], ["head", head], ["alt", HEAD_ALT]]
     draft = unsigned(pubkey, HEAD_KIND, "", tags,
                      int(time.time()) if created_at is None else created_at)
@@ -79,6 +94,7 @@ class AuditLog(Journal):
     def __init__(self, store: AgentStore) -> None:
         super().__init__(store, "log")
         self.heads = store.db["heads"]
+        self.keys = SigningKeys(store)
         # Agents whose log had a record appended since the last seal.  Only the committer's
         # thread appends and seals: no lock.  A record rolled back with its transaction
         # leaves its agent here: its head is signed again, unchanged, which is harmless.
@@ -87,30 +103,41 @@ class AuditLog(Journal):
         self.to_publish: set[int] = set()
 
     def append(self, txn: Txn, index: int, record: dict[str, Any]) -> int:
+        offset, line = self.chained(txn, index, record)
+        self.put(txn, index, offset, line)
+        self._grown.add(index)
+        return offset
+
+    def chained(self, txn: Txn, index: int, record: dict[str, Any]) -> tuple[int, bytes]:
+        """Where `record` goes in the agent's log, and its line with `prev`."""
         last = self.last(txn, index)
         if last is None:
             offset, prev = 0, self.store.require_agent(txn, index).pubkey
         else:
             offset, prev = last[0] + len(last[1]), line_hash(last[1])
-        self.put(txn, index, offset, encode_line({**record, "prev": prev}))
-        self._grown.add(index)
-        return offset
+        return offset, encode_line({**record, "prev": prev})
 
     def seal(self, txn: Txn) -> None:
         """Sign the head of each log that grew: in the batch's transaction, before its commit."""
         grown, self._grown = self._grown, set()
         if not grown:
             return
-        mnemonic = self.store.mnemonic(txn)
         now = int(time.time())
         for index in grown:
-            last = self.last(txn, index)
-            if last is None:
-                continue  # the agent's making was rolled back: there is no log
-            event = sign_head(mnemonic, index, last[0] + len(last[1]), line_hash(last[1]), now)
-            txn.put(agent_key(index), to_json(event).encode(), db=self.heads)
-            if txn.get(agent_key(index), db=self.store.db["publish"]) is not None:
+            if self.sign(txn, index, now) and \
+                    txn.get(agent_key(index), db=self.store.db["publish"]) is not None:
                 self.to_publish.add(index)
+
+    def sign(self, txn: Txn, index: int, now: int | None = None) -> bool:
+        """Sign and keep the head of the agent's log as it is in `txn`; False if it has none
+        (the agent's making was rolled back)."""
+        last = self.last(txn, index)
+        if last is None:
+            return False
+        event = sign_head(self.keys.get(txn, index), last[0] + len(last[1]),
+                          line_hash(last[1]), now)
+        txn.put(agent_key(index), to_json(event).encode(), db=self.heads)
+        return True
 
     def head(self, txn: Txn, index: int) -> bytes | None:
         raw = txn.get(agent_key(index), db=self.heads)
@@ -149,7 +176,6 @@ class HeadPublisher:
         log = self.runtime.log
         agents, log.to_publish = log.to_publish, set()
         delivered = Delivered()
-        mnemonic = self.runtime.store.mnemonic(txn)
         for index in sorted(agents):
             raw = log.head(txn, index)
             record = self.runtime.store.agent(txn, index)
@@ -157,7 +183,8 @@ class HeadPublisher:
                 continue  # turned off since
             tags = {t[0]: t[1] for t in from_json(raw).tags if len(t) >= 2}
             created = max(int(time.time()), self._sent.get(index, 0) + 1)
-            event = sign_head(mnemonic, index, int(tags["size"]), tags["head"], created)
+            event = sign_head(log.keys.get(txn, index), int(tags["size"]), tags["head"],
+                              created)
             self.runtime.plumbing.enqueue(txn, NOSTR_PORT,
                                           self.runtime.nostr.published(record.npub, event))
             self._sent[index] = created

@@ -1,4 +1,5 @@
-"""The `agentfs` command: init, id, mount (and the mount(8) helper form)."""
+"""The `agentfs` command: init, id, mount (and the mount(8) helper form); export and import
+are archive_cli's, nostr is nostr.cli's."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import lmdb
 
-from . import audit, identity
+from . import archive_cli, audit, identity
+from .archive import ArchiveError
 from .nostr import cli as nostr_cli
 from .nostr import event as nostr_event
 from .store import AgentStore, agent_key, default_store_path, scan_prefix
@@ -289,13 +291,14 @@ def parser() -> argparse.ArgumentParser:
                         "(default: whoever signed it, which the verdict names)")
     verify.set_defaults(run=cmd_verify)
 
+    archive_cli.add_parsers(sub)
     nostr_cli.add_parser(sub)
     return p
 
 
 def _helper_form(argv: list[str]) -> list[str]:
     """`agentfs STORE MOUNTPOINT -o OPTS` (mount.fuse's convention) as a mount command."""
-    commands = {"init", "id", "mount", "verify", "nostr"}
+    commands = {"init", "id", "mount", "verify", "export", "import", "nostr"}
     if len(argv) >= 2 and argv[0] not in commands and not argv[0].startswith("-"):
         return ["mount", "--store", argv[0], argv[1], *argv[2:]]
     return argv
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(_helper_form(sys.argv[1:] if argv is None else argv))
     try:
         status: int = args.run(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ArchiveError) as e:
         print(f"agentfs: {_describe(e)}", file=sys.stderr)
         return 1
     return status

@@ -9,7 +9,6 @@ them in every child between vfork and exec.
 from __future__ import annotations
 
 import errno
-import os
 import resource
 import socket
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
 # (and the kernel's user-namespace code is a large attack surface); the others are
 # refused anyway without capabilities, but say so at the filter.
 # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET, NEWTIME
+CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
 NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
                    0x40000000, 0x00000080)
 
@@ -82,7 +82,7 @@ def seccomp_filter() -> seccomp.SyscallFilter:
     than Unix and TCP, so that no UDP or raw packet leaves a tick even on loopback."""
     f = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
     eperm = seccomp.ERRNO(errno.EPERM)
-    for name in ("unshare", "setns", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    for name in ("io_uring_setup", "io_uring_enter", "io_uring_register",
                  "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
                  "kexec_load", "open_by_handle_at", "name_to_handle_at", "fanotify_init"):
         f.add_rule(eperm, name)
@@ -91,6 +91,13 @@ def seccomp_filter() -> seccomp.SyscallFilter:
     f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
     for flag in NAMESPACE_FLAGS:
         f.add_rule(eperm, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+    # The zygote loads this filter on itself and every tick inherits it, so its own calls
+    # pass: a new or joined mount or IPC namespace for a tick.  A tick (no capabilities)
+    # is refused those by the kernel, with the same EPERM.
+    for flag in set(NAMESPACE_FLAGS) - {CLONE_NEWNS, CLONE_NEWIPC}:
+        f.add_rule(eperm, "unshare", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+        f.add_rule(eperm, "setns", seccomp.Arg(1, seccomp.MASKED_EQ, flag, flag))
+    f.add_rule(eperm, "setns", seccomp.Arg(1, seccomp.EQ, 0))  # "any kind" of namespace
     # Unix (1), IPv4 (2) and IPv6 (10) only: no netlink, packet, vsock, XDP...
     nosupport = seccomp.ERRNO(errno.EAFNOSUPPORT)
     f.add_rule(nosupport, "socket", seccomp.Arg(0, seccomp.GT, socket.AF_INET6))
@@ -101,21 +108,6 @@ def seccomp_filter() -> seccomp.SyscallFilter:
             f.add_rule(eperm, "socket", seccomp.Arg(0, seccomp.EQ, family),
                        seccomp.Arg(1, seccomp.MASKED_EQ, 0xF, kind))
     return f
-
-
-def compiled(f: seccomp.SyscallFilter) -> bytes:
-    """The filter as BPF, compiled once (libseccomp compiles anew at every load); `_spawn`
-    loads it in each child, last before exec."""
-    read_end, write_end = os.pipe()
-    try:
-        with os.fdopen(write_end, "wb") as out:
-            f.export_bpf(out)
-        with os.fdopen(read_end, "rb") as source:
-            read_end = -1
-            return source.read()
-    finally:
-        if read_end >= 0:
-            os.close(read_end)
 
 
 def last_cap() -> int:

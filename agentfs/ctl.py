@@ -49,7 +49,7 @@ class NewAgent:
 
 
 AGENT_VERBS = {"wake", "program", "name", "sleep", "terminate", "recover", "retries",
-               "checkpoint", "charge", "spend", "alarm", "idle", "token", "publish",
+               "checkpoint", "charge", "spend", "alarm", "idle", "serve", "token", "publish",
                *caps.VERBS}
 # Verbs only a running tick may write, through its own AGENT_DIR/ctl.
 TICK_VERBS = {"checkpoint", "charge", "spend"}
@@ -119,6 +119,11 @@ def parse_agent_ctl(data: bytes) -> list[Command]:
             if not rest:
                 raise errors.invalid("ctl: usage: idle DURATION (0 hibernates at once)")
             commands.append(Command(verb, (repr(parse_duration(rest)),)))
+        elif verb == "serve":
+            if rest not in ("on", "off"):
+                raise errors.invalid("ctl: usage: serve on|off (on: one program serves "
+                                     "many ticks)")
+            commands.append(Command(verb, (rest,)))
         elif verb == "token":
             # Only the token's hash goes further: the log and ctl never see the token.
             if rest == "none":

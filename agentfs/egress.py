@@ -84,6 +84,7 @@ def _digest(token: str) -> bytes:
 class _Holder:
     index: int
     alive: Callable[[], bool] | None
+    active: Callable[[], bool] | None = None  # when False, refused for now, not forgotten
 
 
 class Tokens:
@@ -92,11 +93,13 @@ class Tokens:
     def __init__(self) -> None:
         self._holders: dict[bytes, _Holder] = {}
 
-    def issue(self, index: int, alive: Callable[[], bool] | None = None) -> str:
-        """A new token for agent `index`, good until `revoke` (or until `alive` says no)."""
+    def issue(self, index: int, alive: Callable[[], bool] | None = None,
+              active: Callable[[], bool] | None = None) -> str:
+        """A new token for agent `index`, good until `revoke` (or until `alive` says no),
+        and while `active` says so."""
         self._prune()
         token = secrets.token_urlsafe(32)
-        self._holders[_digest(token)] = _Holder(index, alive)
+        self._holders[_digest(token)] = _Holder(index, alive, active)
         return token
 
     def revoke(self, token: str) -> None:
@@ -110,6 +113,8 @@ class Tokens:
             return None
         if holder.alive is not None and not holder.alive():
             del self._holders[key]
+            return None
+        if holder.active is not None and not holder.active():
             return None
         return holder.index
 
@@ -143,8 +148,9 @@ class Egress:
 
     # -- tokens: the lead's spawner calls these at a tick's start and end -------------------
 
-    def issue(self, index: int, alive: Callable[[], bool] | None = None) -> str:
-        return self.tokens.issue(index, alive)
+    def issue(self, index: int, alive: Callable[[], bool] | None = None,
+              active: Callable[[], bool] | None = None) -> str:
+        return self.tokens.issue(index, alive, active)
 
     def revoke(self, token: str) -> None:
         self.tokens.revoke(token)
@@ -155,6 +161,15 @@ class Egress:
             return {}
         token = self.issue(tick.index, alive=lambda: not tick.finished)
         return tick_environment(token, self.port)
+
+    def served_environment(self, index: int, alive: Callable[[], bool],
+                           active: Callable[[], bool]) -> tuple[dict[str, str], str | None]:
+        """A served program's proxy variables and its token: good while it lives, and
+        only while one of its ticks runs."""
+        if self.port is None:
+            return {}, None
+        token = self.issue(index, alive, active)
+        return tick_environment(token, self.port), token
 
     # -- serving ---------------------------------------------------------------------------
 

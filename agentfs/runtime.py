@@ -140,6 +140,7 @@ class Runtime:
             ("retries", str(record.max_failures)),
             ("idle", format_duration(lifecycle.DEFAULT_IDLE if record.idle is None
                                      else record.idle)),
+            ("serve", "on" if record.serve else "off"),
             ("alarm", alarm.describe() if (alarm := Alarm.decode(record.alarm)) else "-"),
             ("token", "set" if record.token else "-"),
             ("publish", "heads" if record.publish else "none"),
@@ -364,6 +365,8 @@ class Runtime:
             self.alarms.set(txn, record, Alarm.from_arg(command.args[0]))
         elif verb == "idle":
             record.idle = float(command.args[0])
+        elif verb == "serve":
+            record.serve = command.args[0] == "on"
         elif verb == "token":
             record.token = command.args[0] or None
         elif verb == "publish":

@@ -249,7 +249,8 @@ class Sandbox:
 
     def spawn(self, argv: list[str], env: dict[str, str], uid: int, stdin: bytes,
               tools: list[str] = [],  # noqa: B006 - never changed
-              limits: confine.Limits = DEFAULT_LIMITS) -> SandboxedProgram:
+              limits: confine.Limits = DEFAULT_LIMITS,
+              keep_stdin: bool = False) -> SandboxedProgram:
         """Hand a program to the zygote.  `tools` are the agent's own tool paths beyond
         what every tick sees."""
         if self._spawn is None:
@@ -268,7 +269,7 @@ class Sandbox:
             for fd in opened:
                 os.close(fd)
             raise
-        ends = pipes_for_child(stdin)
+        ends = pipes_for_child(stdin, keep_stdin)
         job = self._next_job
         self._next_job += 1
         message = {"job": job, "argv": argv, "env": env, "uid": uid, "tools": extra,

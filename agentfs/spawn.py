@@ -64,10 +64,10 @@ class Pipes:
         self.child_fds = []
 
 
-def pipes_for_child(stdin: bytes) -> Pipes:
+def pipes_for_child(stdin: bytes, keep_stdin: bool = False) -> Pipes:
     """Pipes for stdin, stdout and stderr; input that fits in the pipe is written now and
     its end closed, which spares the caller a task to feed it (larger input is left to the
-    caller through `stdin`)."""
+    caller through `stdin`, and so is all input after it with `keep_stdin`)."""
     pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
     writer = pipes[0][1]
     os.set_blocking(writer, False)
@@ -76,7 +76,7 @@ def pipes_for_child(stdin: bytes) -> Pipes:
     except BlockingIOError:
         written = 0
     stdin_stream: trio.lowlevel.FdStream | None = None
-    if written < len(stdin):
+    if written < len(stdin) or keep_stdin:
         stdin_stream = trio.lowlevel.FdStream(writer)  # the caller feeds the rest
     else:
         os.close(writer)
@@ -84,9 +84,10 @@ def pipes_for_child(stdin: bytes) -> Pipes:
                  trio.lowlevel.FdStream(pipes[1][0]), trio.lowlevel.FdStream(pipes[2][0]))
 
 
-def spawn(argv: list[str], env: dict[str, str], stdin: bytes = b"") -> Program:
+def spawn(argv: list[str], env: dict[str, str], stdin: bytes = b"",
+          keep_stdin: bool = False) -> Program:
     """Start `argv` (searched in PATH) with pipes for its standard streams."""
-    ends = pipes_for_child(stdin)
+    ends = pipes_for_child(stdin, keep_stdin)
     try:
         pid = os.posix_spawnp(
             argv[0], argv, env, setsid=True,

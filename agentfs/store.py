@@ -17,6 +17,8 @@ Layout (named databases; an agent is its 4-byte big-endian creation index `ix`):
               active, or with a lifecycle trigger to run); kept by `put_agent`
     tokens    ix -> b"": agents with a bearer token (the root file `tokens`); by `put_agent`
     secrets   name -> the root file `secrets`' entry, its value sealed (see factotum.py)
+    keys      ix -> the private key of an agent imported from a store of another mnemonic,
+              sealed (see keyring.py); every other agent's key derives from the mnemonic
     heads     ix -> the signed head of the agent's log, a Nostr event as JSON (see audit.py)
     publish   ix -> b"": agents whose heads go out through the nostr port; by `put_agent`
 """
@@ -39,11 +41,14 @@ import lmdb
 from . import errors
 from .identity import npub_encode
 
-STORE_VERSION = 3  # 2: lifecycle hooks, the awake index, alarms; 3: the log's hash chain
+# 2: lifecycle hooks, the awake index, alarms; 3: imported keys, which an agentfs that
+# knew only derived keys would silently sign with the wrong key for; 4: the log's hash
+# chain and its signed heads, which an older agentfs would break with unchained records.
+STORE_VERSION = 4
 # How far the Nostr driver has read (unix seconds): from the store's birth at first.
 NOSTR_SINCE_KEY = b"nostr-since"
 DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters",
-            "seen", "ports", "alarms", "awake", "tokens", "secrets", "heads", "publish")
+            "seen", "ports", "alarms", "awake", "tokens", "secrets", "keys", "heads", "publish")
 
 # Address space only: LMDB grows the file as pages are written, not to the map size.
 DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
@@ -95,6 +100,7 @@ class AgentRecord:
     hook_error: str | None = None  # why the agent failed, for its `error` trigger
     failed_hook: str | None = None  # the create or wake whose failure failed it: owed again
     idle: float | None = None  # seconds idle before it hibernates (None: the default)
+    serve: bool = False  # one long-lived program serves its ticks (served.py)
     alarm: dict[str, Any] | None = None  # see alarms.Alarm
     token: str | None = None  # SHA-256 (hex) of the bearer token the HTTP driver checks
     caps: dict[str, list[str]] = field(default_factory=dict)  # granted: see caps.py
@@ -179,10 +185,10 @@ class AgentStore:
         if version == b"1":
             store._migrate_from_1()
             version = str(STORE_VERSION).encode()
-        elif version == b"2":
-            # Version 2 logs have no hash chain: their records stay as they are (offsets are
-            # stable), and the chain starts with the next record (see audit.py).  The bump
-            # keeps an older agentfs, which would append unchained records, from opening it.
+        if version in (b"2", b"3"):
+            # Opening the store made the databases 3 and 4 add (`keys`, `heads`, `publish`).
+            # Logs of before 4 have no hash chain: their records stay as they are (offsets
+            # are stable), and the chain starts with the next record (see audit.py).
             with store.env.begin(write=True) as txn:
                 txn.put(b"version", str(STORE_VERSION).encode(), db=store.db["meta"])
             version = str(STORE_VERSION).encode()

@@ -27,6 +27,7 @@ from .inbox import Message, rfc3339_now
 from .overlay import TickOverlay
 from .plumbing import Delivered
 from .sandbox import Sandbox, SandboxedProgram, SandboxUnavailable, clean_environment
+from .served import ServedProgram, tick_end
 from .spawn import Program, spawn
 from .state import TxnState
 from .store import AgentRecord, Txn
@@ -146,6 +147,7 @@ class TickEngine:
         self._sandbox_scope = trio.CancelScope()
         self.sandbox_up = trio.Event()  # set once the sandbox serves, or failed to
         self.sandbox_problem: str | None = None  # why ticks are refused, if they are
+        self._served: dict[int, ServedProgram] = {}  # agents' programs in `serve on` mode
 
     # -- who is asking -------------------------------------------------------
 
@@ -220,7 +222,8 @@ class TickEngine:
         The daemon's only children are tick programs, which their own tasks wait for; any
         other child is a leftover of a finished tick.
         """
-        programs = {t.pid for t in self._sessions.values()}
+        programs = {t.pid for t in self._sessions.values()} | \
+            {s.proc.pid for s in self._served.values() if isinstance(s.proc, Program)}
         try:
             entries = os.listdir("/proc")
         except OSError:
@@ -271,6 +274,8 @@ class TickEngine:
             if tick.pid is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(tick.pid, signal.SIGKILL)
+        for served in self._served.values():
+            served.proc.kill_group()
         if self.runtime.sandbox is None:
             self._reap_orphans()
 
@@ -432,6 +437,11 @@ class TickEngine:
                                       duration=outcome.duration)
             if not outcome.ok:
                 await runtime.committer.commit(lambda t: self._fail(t, tick, outcome))
+            if index in self._served:
+                with runtime.store.read() as txn:
+                    record = runtime.store.require_agent(txn, index)
+                if record.status != "active" or not record.serve:
+                    await self._end_served(index)  # it hibernated, failed or ended
             return outcome
 
     def _notify_delivered(self, tick: RunningTick) -> None:
@@ -477,26 +487,28 @@ class TickEngine:
 
     # -- running the program -------------------------------------------------
 
-    def _environment(self, tick: RunningTick) -> dict[str, str]:
+    def _environment(self, tick: RunningTick,
+                     proxy: dict[str, str] | None = None) -> dict[str, str]:
         """What a tick's environment holds: never the daemon's own (it may hold keys)."""
         return clean_environment({
             "AGENT": tick.npub,
             "AGENT_NAME": tick.record.name or "",
             "AGENT_DIR": os.path.join(self.mountpoint, ".tick", tick.npub),
-            **self.runtime.egress.environment(tick),
+            **(self.runtime.egress.environment(tick) if proxy is None else proxy),
         })
 
-    async def _start(self, tick: RunningTick, argv: list[str],
-                     trigger_line: bytes) -> Program | SandboxedProgram | str:
+    async def _start(self, tick: RunningTick, argv: list[str], trigger_line: bytes,
+                     proxy: dict[str, str] | None = None,
+                     keep_stdin: bool = False) -> Program | SandboxedProgram | str:
         """Start the tick's program, sandboxed unless the mount says otherwise; a string
         says why it could not start."""
         box = self.runtime.sandbox
         if self.stopping:
             return "the mount is ending"
-        env = self._environment(tick)
+        env = self._environment(tick, proxy)
         if box is None:
             try:
-                proc = spawn(argv, env, trigger_line)
+                proc = spawn(argv, env, trigger_line, keep_stdin)
             except OSError as e:
                 return f"cannot start program: {e.strerror}: {argv[0]}"
             except ValueError as e:
@@ -508,7 +520,7 @@ class TickEngine:
             return f"sandbox unavailable: {self.sandbox_problem}"
         try:
             boxed = box.spawn(argv, env, box.uid(tick.index), trigger_line,
-                              caps.tools(tick.record))
+                              caps.tools(tick.record), keep_stdin=keep_stdin)
         except (OSError, ValueError, SandboxUnavailable) as e:
             return f"cannot start program: {e}"
         return boxed
@@ -516,6 +528,8 @@ class TickEngine:
     async def _run_program(self, tick: RunningTick) -> Outcome:
         record = tick.record
         assert record.program is not None
+        if record.serve:
+            return await self._run_served(tick)
         limit = budget.limit(record, "max_tick_duration")
         started = time.monotonic()
         stdout = _Stdout()
@@ -562,7 +576,99 @@ class TickEngine:
             return Outcome(False, how, stdout.lines, tail, duration)
         if stdout.overflow:
             return Outcome(False, f"stdout over {MAX_STDOUT} bytes", [], tail, duration)
-        return Outcome(True, "", stdout.lines, tail, duration)
+        # A served program's end line means the same in an exec tick (so one program runs
+        # either way): `done` is no reply, `failed` fails the tick.
+        replies = []
+        for line in stdout.lines:
+            end = tick_end(line)
+            if end is None:
+                replies.append(line)
+            elif not end[0]:
+                return Outcome(False, end[1], [], tail, duration)
+        return Outcome(True, "", replies, tail, duration)
+
+    # -- served programs (`serve on`): one program, many ticks ---------------
+
+    async def _served_program(self, tick: RunningTick) -> ServedProgram | str:
+        """The agent's served program, started if it has none (or its program changed)."""
+        index, argv = tick.index, tick.record.program
+        assert argv is not None
+        served = self._served.get(index)
+        if served is not None and (served.ended or served.argv != argv):
+            await self._end_served(index)
+            served = None
+        if served is not None:
+            return served
+        holder: list[ServedProgram] = []
+        proxy, token = self.runtime.egress.served_environment(
+            index, alive=lambda: not holder or not holder[0].ended,
+            active=lambda: (t := self.running.get(index)) is not None and not t.finished)
+        proc = await self._start(tick, argv, b"", proxy, keep_stdin=True)
+        if isinstance(proc, str):
+            if token is not None:
+                self.runtime.egress.revoke(token)
+            return proc
+        served = ServedProgram(list(argv), proc, token)
+        holder.append(served)
+        self._served[index] = served
+        assert self._nursery is not None
+        self._nursery.start_soon(served.pump, STDERR_TAIL)
+        return served
+
+    async def _end_served(self, index: int) -> None:
+        served = self._served.pop(index, None)
+        if served is None:
+            return
+        if served.token is not None:
+            self.runtime.egress.revoke(served.token)
+        await served.end(GRACE)
+        self._callers.clear()
+
+    async def _run_served(self, tick: RunningTick) -> Outcome:
+        """One tick of a served program: its trigger in, its replies and end line out."""
+        limit = budget.limit(tick.record, "max_tick_duration")
+        started = time.monotonic()
+        served = await self._served_program(tick)
+        if isinstance(served, str):
+            return Outcome(False, served)
+        if isinstance(served.proc, Program):  # sandbox=off: its requests are this tick's
+            self._register(tick, served.proc.pid)
+        served.stderr.clear()
+        trigger_line = json.dumps(tick.trigger, separators=(",", ":")).encode() + b"\n"
+        replies: list[bytes] = []
+        size = 0
+        end: tuple[bool, str] | None = None
+        with trio.move_on_after(limit) as scope:
+            if await served.give(trigger_line):
+                async for line in served.lines:
+                    if line is not None:
+                        end = tick_end(line)
+                        if end is not None:
+                            break
+                        size += len(line)
+                        replies.append(line)
+                    else:
+                        size = MAX_STDOUT + 1
+        tick.finished = True  # what is written from now on is not the tick's
+        duration = time.monotonic() - started
+        tail = bytes(served.stderr[-STDERR_TAIL:])
+        if scope.cancelled_caught:
+            await self._end_served(index=tick.index)
+            why = f"killed after {format_duration(limit)} (max_tick_duration)"
+            return Outcome(False, why, replies, tail, duration)
+        if end is None:  # its stdout closed: it died, or is dying
+            proc = served.proc
+            await self._end_served(tick.index)
+            status = proc.returncode or 0
+            if isinstance(proc, SandboxedProgram) and proc.error is not None:
+                return Outcome(False, f"cannot start program: {proc.error}", [], tail, duration)
+            how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+            return Outcome(False, f"the served program ended ({how}) before the tick did",
+                           replies, tail, duration)
+        ok, error = end
+        if size > MAX_STDOUT:
+            return Outcome(False, f"stdout over {MAX_STDOUT} bytes", [], tail, duration)
+        return Outcome(ok, error, replies if ok else [], tail, duration)
 
     # -- commit and rollback (run inside the committer's transaction) ---------
 

@@ -3,10 +3,12 @@ starts every tick's program.
 
 bwrap builds the shared part once (a PID, network, IPC and UTS namespace; a read-only view
 of the system with the agentfs mount in it).  For each tick the zygote calls `_spawn.spawn`,
-which vforks a child that makes its own mount and IPC namespace with a fresh /tmp, empties
-its capability bounding set, drops to the agent's uid, applies the resource limits, Landlock
-and the seccomp filter, and execs, all between vfork and exec with system calls alone.  The
-policies themselves are built once, here, at start.
+which vforks a child that enters the agent's own mount and IPC namespaces (made at its first
+tick, with a fresh /tmp, and kept for its next ticks while the tick leaves /tmp empty), drops
+to the agent's uid, applies the resource limits and Landlock, and execs, all between vfork and
+exec with system calls alone.  The policies are built once, here, at start; the capability
+bounding set is emptied and the seccomp filter loaded on the zygote itself, and every tick
+inherits both.
 
 Wire (SOCK_SEQPACKET, one JSON object a message):
   daemon -> spawn socket: {"job", "argv", "env", "uid", "limits", "tools", "cwd"}
@@ -25,10 +27,13 @@ import contextlib
 import ctypes
 import json
 import os
+import queue
 import selectors
 import signal
 import socket
 import sys
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +41,7 @@ from . import _spawn, confine
 
 MAX_MESSAGE = 1 << 20
 MAX_TOOLS = 64  # tool paths one agent may hold
+MAX_VIEWS = 256  # agents' mount namespaces kept for their next tick (a few KiB each)
 
 MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 2, 4, 32, 4096, 16384
 MNT_DETACH = 2
@@ -67,6 +73,12 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
         os._exit(0)  # the daemon is gone, and the sandbox ends with it
 
 
+def top_of_tmp(path: str) -> str:
+    """The name in /tmp under which `path` lies, or ""."""
+    parts = path.split("/")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["", "tmp"] else ""
+
+
 def candidates(program: str, path: str) -> list[str]:
     """Where execve(2) should look for `program`, in order, as execvp(3) would."""
     if "/" in program:
@@ -78,7 +90,20 @@ def candidates(program: str, path: str) -> list[str]:
 class Job:
     job: int  # the daemon's number for it
     uid: int
-    namespace: int  # a descriptor holding its mount namespace, or -1
+
+
+@dataclass(frozen=True)
+class View:
+    """An agent's mount namespace, kept after its tick for the agent's next ones: the
+    descriptors of the namespace and of its /tmp and /dev/shm, and the tools it holds."""
+    tools: tuple[str, ...]
+    namespace: int
+    ipc: int
+    tmp: int
+    shm: int
+
+    def fds(self) -> tuple[int, ...]:
+        return (self.namespace, self.ipc, self.tmp, self.shm)
 
 
 class Zygote:
@@ -91,7 +116,6 @@ class Zygote:
         # mounts its own /tmp over them.
         self.pins = [(f"/run/agentfs/pin{n}", path) for n, path in enumerate(config["tmp_pins"])]
         self.landlock = confine.LandlockPolicy.for_kernel().as_tuple()
-        self.filter = confine.compiled(confine.seccomp_filter())
         # exec resets the signals this process handles, not the ones it ignores (SIGPIPE)
         self.ignored = [int(n) for n in signal.valid_signals()
                         if signal.getsignal(n) is signal.SIG_IGN]
@@ -100,6 +124,13 @@ class Zygote:
         # Jobs come on one socket, signals on another: a signal may overtake its job.
         self.last_job = 0
         self.early_signals: dict[int, int] = {}  # job not seen yet -> signal
+        # Closing the last hold on a tick's mount namespace unmounts its /tmp and the rest
+        # synchronously (about 0.2 ms); a thread does it, off the path of the next job.
+        self.to_close: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.views: OrderedDict[int, View] = OrderedDict()  # by uid, least recent first
+        # What a kept /tmp may hold: the directories made for pins and tools under it
+        # (root's, 0755: no tick can write in them).
+        self.tmp_names = {top_of_tmp(path) for _stash, path in self.pins} - {""}
 
     # -- set-up, once --------------------------------------------------------
 
@@ -126,13 +157,19 @@ class Zygote:
         proxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         proxy.bind(("127.0.0.1", confine.PROXY_PORT))
         proxy.listen(128)
+        # Last: the seccomp filter, on the zygote itself, which every tick then inherits
+        # (loading it costs ~70 us, in each child that would be on every tick's path).
+        confine.seccomp_filter().load()
         send(self.control, {"ready": True}, [proxy.fileno()])
         proxy.close()
 
     # -- a job -----------------------------------------------------------------
 
     def _job(self) -> None:
-        data, fds, _flags, _addr = socket.recv_fds(self.spawn, MAX_MESSAGE, 3 + MAX_TOOLS)
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.spawn, MAX_MESSAGE, 3 + MAX_TOOLS)
+        except ConnectionResetError:
+            data, fds = b"", []
         if not data:
             raise SystemExit(0)  # the daemon is gone: no job will come
         job: dict[str, Any] = json.loads(data)
@@ -145,22 +182,36 @@ class Zygote:
             attach = [(path, fd, os.path.isdir(f"/proc/self/fd/{fd}"))
                       for path, fd in zip(tools, fds[3:], strict=True)]
             env = job["env"]
-            pid, namespace = _spawn.spawn(
+            uid, tools_held = job["uid"], tuple(tools)
+            view = self.views.get(uid)
+            if view is not None and view.tools != tools_held:
+                self._forget(uid)
+                view = None
+            pid, *held = _spawn.spawn(
                 candidates(job["argv"][0], env.get("PATH", "")), job["argv"],
                 [f"{k}={v}" for k, v in env.items()], tuple(fds[:3]), job["uid"],
                 job["uid"], self.tmp_options, self.pins, attach,
                 self.writable, self.landlock, confine.PROXY_PORT,
-                confine.Limits(**job["limits"]).rlimits(), self.ignored, self.filter,
-                job.get("cwd", "/tmp"))
-            self._track(Job(job["job"], job["uid"], namespace), pid)
+                confine.Limits(**job["limits"]).rlimits(), self.ignored,
+                job.get("cwd", "/tmp"), (view.namespace, view.ipc) if view else (-1, -1))
+            if view is not None:
+                self.views.move_to_end(uid)
+            elif min(held) >= 0:
+                self._keep(uid, View(tools_held, *held))
+            else:  # the program was gone before its namespaces could be held
+                for fd in held:
+                    if fd >= 0:
+                        self.to_close.put(fd)
+            self._track(Job(job["job"], uid), pid)
         except OSError as e:
+            self._forget(job["uid"])
             error = e.strerror or str(e)
             if error.startswith("exec:"):
                 error = f"{error.removeprefix('exec: ')}: {job['argv'][0]}"
             send(self.control, {"failed": job["job"], "error": error})
             # The child, if there was one, has exited 127; its pid rides in e.filename.
             if isinstance(e.filename, int):
-                self._track(Job(job["job"], job["uid"], -1), e.filename)
+                self._track(Job(job["job"], job["uid"]), e.filename)
             else:
                 send(self.control, {"exit": job["job"], "status": 127 << 8})
         except (ValueError, TypeError, KeyError) as e:
@@ -181,7 +232,12 @@ class Zygote:
 
     # -- the loop --------------------------------------------------------------
 
+    def _closer(self) -> None:
+        while True:
+            os.close(self.to_close.get())
+
     def serve(self) -> None:
+        threading.Thread(target=self._closer, name="closer", daemon=True).start()
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -194,7 +250,10 @@ class Zygote:
                 if key.data == "job":
                     self._job()
                 elif key.data == "control":
-                    data = self.control.recv(MAX_MESSAGE)
+                    try:
+                        data = self.control.recv(MAX_MESSAGE)
+                    except ConnectionResetError:  # the daemon is gone, its socket reset
+                        data = b""
                     if not data:
                         return  # the daemon is gone
                     self._request(json.loads(data))
@@ -227,8 +286,30 @@ class Zygote:
             if self._orphans():
                 end_uid(job.uid)
             send(self.control, {"exit": job.job, "status": status})
-            if job.namespace >= 0:
-                os.close(job.namespace)  # its /tmp is unmounted now, after it was reported
+            view = self.views.get(job.uid)
+            if view is not None and not self._empty(view):
+                self._forget(job.uid)  # the next tick gets a fresh /tmp
+
+    def _keep(self, uid: int, view: View) -> None:
+        self._forget(uid)
+        self.views[uid] = view
+        while len(self.views) > MAX_VIEWS:
+            self._forget(next(iter(self.views)))
+
+    def _forget(self, uid: int) -> None:
+        view = self.views.pop(uid, None)
+        if view is not None:
+            # Closing the last hold on a namespace unmounts what is in it.
+            for fd in view.fds():
+                self.to_close.put(fd)
+
+    def _empty(self, view: View) -> bool:
+        """Whether the tick left its /tmp and /dev/shm as it found them."""
+        try:
+            made = self.tmp_names | {top_of_tmp(path) for path in view.tools}
+            return set(os.listdir(view.tmp)) <= made and not os.listdir(view.shm)
+        except OSError:
+            return False
 
     def _orphans(self) -> bool:
         """Whether any process a tick left behind is still alive.  The zygote is the

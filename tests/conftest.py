@@ -94,6 +94,13 @@ def processes_of(uid: int) -> list[int]:
     return live_processes(lambda f: int(f[b"Uid"].split()[0]) == uid)
 
 
+def _pid_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
 def pid_alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie counts as gone: it runs nothing and holds nothing)."""
     try:
@@ -304,6 +311,23 @@ class Mount:
     def uid(self, name: str) -> int:
         """The uid agent `name`'s ticks run as."""
         return int(self.status(name)["uid"])
+
+    def processes_of(self, name: str) -> list[int]:
+        """The live processes of agent `name` in this mount's sandbox: of its uid, and in
+        the PID namespace of bwrap's children (other mounts' agents may share the uid)."""
+        uid, namespace = self.uid(name), self._sandbox_pid_namespace()
+        return [pid for pid in processes_of(uid) if _pid_namespace(pid) == namespace]
+
+    def _sandbox_pid_namespace(self) -> str | None:
+        def children(parent: int) -> list[int]:
+            return live_processes(lambda f: f.get(b"PPid") == str(parent).encode())
+
+        for bwrap in children(self.pid):
+            outside = _pid_namespace(bwrap)
+            for child in children(bwrap):
+                if (inside := _pid_namespace(child)) not in (None, outside):
+                    return inside
+        return None
 
     def status(self, name: str) -> dict[str, str]:
         return ctl_status(self.mp / name)

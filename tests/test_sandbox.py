@@ -328,6 +328,25 @@ echo mine > /tmp/left-behind && echo mine > /dev/shm/left-behind
             assert "left-behind" not in seen, (name, round_, seen)
 
 
+def test_ipc_objects_stay_with_their_agent(mount: Mount, tmp_path: Path) -> None:
+    # SysV IPC objects are namespaced per agent: one made open to all (mode 0666) is not
+    # seen by another agent's tick, and no shared memory segment outlives its tick.
+    program = script(tmp_path, "ipc.sh", READ_TRIGGER + """
+echo "$(ipcs -q | grep -c '^0x') $(ipcs -m | grep -c '^0x')" > "$AGENT_DIR/state/seen"
+ipcmk -Q -p 0666 >/dev/null && ipcmk -M 4096 -p 0666 >/dev/null
+""")
+    for name in ("alice", "bob"):
+        mount.new_agent(name, program)
+        mount.created(name)
+    for round_, name in ((1, "alice"), (1, "bob"), (2, "alice")):
+        write_once(mount.agent(name) / "inbox", "go\n")
+        mount.wait_ticks(name, round_ + 1)
+        queues, segments = map(int, (mount.agent(name) / "state/seen").read_text().split())
+        # bob sees nothing of alice's; alice's second tick at most her own queue (kept
+        # while her namespaces are), never her segment
+        assert segments == 0 and queues <= round_ - 1, (name, round_, queues, segments)
+
+
 def test_processes_die_with_a_killed_daemon(mount: Mount, tmp_path: Path) -> None:
     program = script(tmp_path, "stay.sh", READ_TRIGGER + """
 ( setsid sleep 1000 & ) ; echo up > "$1/up"; sleep 1000

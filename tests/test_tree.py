@@ -80,12 +80,13 @@ def test_ctl_status_fields(mount: Mount) -> None:
     lines = (mount.mp / "alice" / "ctl").read_text().splitlines()
     assert [line.split(" ", 1)[0] for line in lines] == \
         ["npub", "name", "status", "ticks", "pending", "last", "program", "retries", "idle",
-         "alarm", "token", "publish", "net", "secret", "tool", "spend", "sandbox", "uid"]
+         "serve", "alarm", "token", "publish", "net", "secret", "tool", "spend", "sandbox",
+         "uid"]
     # Without a program its create trigger cannot run: it stays creating.
     assert mount.status("alice") == {"npub": npub, "name": "alice", "status": "creating",
                                      "ticks": "0", "pending": "0", "last": "-", "program": "-",
-                                     "retries": "3", "idle": "30s", "alarm": "-", "token": "-",
-                                     "publish": "none",
+                                     "retries": "3", "idle": "30s", "serve": "off",
+                                     "alarm": "-", "token": "-", "publish": "none",
                                      "net": "-", "secret": "-", "tool": "-", "spend": "-",
                                      "sandbox": "on", "uid": str(UID_BASE)}  # agent 0
     assert mount.status("bob")["program"] == "/bin/sh -c 'echo '\"'\"'hi there'\"'\"''"

@@ -1,8 +1,9 @@
 """Nostr inside the daemon: what leaves is signed at commit, what arrives is opened here.
 
 An agent's message that the plumb rules send to the `nostr` port becomes a signed event
-in the sender's commit, with the sender's key, derived from the store's mnemonic for that
-moment only: no key reaches a program, a file or a log.  A DM is a NIP-17 gift wrap
+in the sender's commit, with the sender's key, derived from the store's mnemonic (or
+unsealed, for an imported agent: see keyring.py) for that moment only: no key reaches a
+program, a file or a log.  A DM is a NIP-17 gift wrap
 unless the message asks for NIP-04 (`"dm": "nip04"`, as replies to a NIP-04 DM do); a
 message of type `note` is a public kind 1 note that mentions its `to`.  The Nostr driver
 publishes the queued events and writes what relays bring into inboxes as
@@ -18,7 +19,8 @@ from urllib.parse import urlsplit
 from plumber import Message as PlumbMessage
 
 from .. import errors
-from ..identity import agent_private_key, npub_decode, npub_encode
+from ..identity import npub_decode, npub_encode
+from ..keyring import agent_secret
 from ..store import NOSTR_SINCE_KEY as SINCE_KEY
 from ..store import AgentRecord, Txn
 from . import nip04, nip17
@@ -53,7 +55,7 @@ class NostrBridge:
         self.store = runtime.store
 
     def _secret(self, txn: Txn, index: int) -> bytes:
-        return agent_private_key(self.store.mnemonic(txn), index)
+        return agent_secret(self.store, txn, index)
 
     # -- out: sign at commit ---------------------------------------------------------
 
