@@ -33,9 +33,9 @@ from typing import IO, Any
 
 from . import ctl, errors, keyring
 from .alarms import Alarm, Alarms
+from .audit import AuditLog
 from .identity import npub_decode, npub_encode, public_key
 from .inbox import rfc3339_now
-from .journal import encode_line
 from .state import MAX_NAME, Entry, TxnState, state_key
 from .store import AgentRecord, AgentStore, Txn, agent_key, scan_prefix
 
@@ -362,11 +362,15 @@ def install(store: AgentStore, txn: Txn, archive: Archive, name: str | None,
     _restore_rows(store, txn, archive, index)
     for path, entry in archive.state:
         txn.put(state_key(index, path), entry.encode(), db=store.db["state"])
-    log = b"".join(_lines(archive, "log")) + encode_line({
+    _journal(store, txn, "log", index, b"".join(_lines(archive, "log")))
+    # The import's own record goes on the log's chain, and the head is signed here: the
+    # records before it are the archive's, whose chain verify checks as any other.
+    audit_log = AuditLog(store)
+    audit_log.append(txn, index, {
         "time": rfc3339_now(), "event": "import", "from_index": archive.index,
         "exported": archive.manifest.get("exported"),
         "key": "imported" if spot.index is None else "derived"})
-    _journal(store, txn, "log", index, log)
+    audit_log.seal(txn)
     return record
 
 

@@ -9,12 +9,16 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from . import archive_cli, fleet, identity
+import lmdb
+
+from . import archive_cli, audit, fleet, identity
 from .archive import ArchiveError
 from .nostr import cli as nostr_cli
-from .store import AgentStore, default_store_path
+from .nostr import event as nostr_event
+from .store import AgentStore, agent_key, default_store_path, scan_prefix
 
 DEFAULT_JOBS = max(4, 4 * (os.cpu_count() or 1))
 # What a FUSE mount whose daemon died answers: ECONNABORTED to a request in flight as it
@@ -53,6 +57,94 @@ def cmd_id(args: argparse.Namespace) -> int:
     public = identity.public_key(private)
     print(identity.npub_encode(public), public.hex())
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    if args.log is not None:
+        return _verify_files(args)
+    if args.agent is None:
+        print("agentfs: verify needs an agent's name or npub, or --log and --head",
+              file=sys.stderr)
+        return 2
+    try:
+        store = AgentStore.open_readonly(Path(args.store) if args.store else
+                                         default_store_path())
+    except (OSError, ValueError, lmdb.Error) as e:
+        print(f"agentfs: {e}", file=sys.stderr)
+        return 2
+    try:
+        with store.read() as txn:
+            index = None
+            if args.agent.startswith("npub1"):
+                index = store.index_by_pubkey(txn, identity.npub_decode(args.agent))
+            else:
+                index = store.index_by_name(txn, args.agent)
+            record = None if index is None else store.agent(txn, index)
+            if record is None:
+                print(f"agentfs: no agent {args.agent!r} in {store.path}", file=sys.stderr)
+                return 2
+            lines = [line for _offset, line in
+                     scan_prefix(txn, store.db["log"], agent_key(record.index))]
+            raw = txn.get(agent_key(record.index), db=store.db["heads"])
+    finally:
+        store.close()
+    head = None if raw is None else nostr_event.from_json(bytes(raw))  # the daemon's own
+    verdict = audit.check_log(lines, record.pubkey, head)
+    who = f"{record.npub} ({record.name})" if record.name else record.npub
+    print(f"{who}: {_verdict_text(verdict)}")
+    return 0 if verdict.ok else 1
+
+
+def _verify_files(args: argparse.Namespace) -> int:
+    """A copy of a log and its head, checked with nothing else: what a third party does."""
+    if args.head is None:
+        print("agentfs: verify --log needs --head", file=sys.stderr)
+        return 2
+    try:
+        text = Path(args.head).read_text().strip()
+        head = nostr_event.from_json(text) if text else None
+    except OSError as e:
+        print(f"agentfs: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"{args.head}: not a Nostr event: {e}")
+        return 1
+    if args.npub is not None:
+        pubkey = identity.npub_decode(args.npub).hex()
+    elif head is not None:
+        pubkey = head.pubkey
+    else:
+        print("agentfs: the head file is empty: give --npub", file=sys.stderr)
+        return 2
+    try:
+        with open(args.log, "rb") as f:
+            verdict = audit.check_log(f, pubkey, head, tail_allowed=True)
+    except OSError as e:
+        print(f"agentfs: {e}", file=sys.stderr)
+        return 2
+    print(f"{identity.npub_encode(bytes.fromhex(pubkey))}: {_verdict_text(verdict)}")
+    return 0 if verdict.ok else 1
+
+
+def _verdict_text(verdict: audit.Verdict) -> str:
+    if verdict.problem is not None:
+        return verdict.problem
+    if verdict.records == 0:
+        return "the log is empty"
+    if verdict.unchained == verdict.records:
+        return (f"{verdict.records} records, all from before the chain (a store from before "
+                "it): nothing to check")
+    parts = [f"{verdict.records} records check"]
+    if verdict.head_time is not None:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(verdict.head_time))
+        parts.append(f"the head signed at {when} covers records 1-{verdict.signed}")
+        if verdict.signed < verdict.records:
+            parts.append(f"records {verdict.signed + 1}-{verdict.records} came after it "
+                         "and are chained to it, not yet signed")
+    if verdict.unchained:
+        parts.append(f"records 1-{verdict.unchained} predate the chain (a store from "
+                     "before it) and are not chained")
+    return "; ".join(parts)
 
 
 def _unescape(field: str) -> str:
@@ -182,6 +274,23 @@ def parser() -> argparse.ArgumentParser:
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(run=cmd_mount)
 
+    verify = sub.add_parser(
+        "verify", help="check an agent's log: its hash chain and signed head",
+        description="Check an agent's log in a store (a daemon may be serving it): each "
+                    "record's prev is the hash of the one before, and the last is the one "
+                    "the agent's signed head names. Or check a copy of a log against a copy "
+                    "of its head (--log, --head), as anyone can. Prints the verdict, naming "
+                    "the first record that does not check; exit status 0 if all check, 1 "
+                    "if not. See agentfs(4), log.")
+    verify.add_argument("agent", nargs="?", help="the agent's name or npub")
+    verify.add_argument("--store", help="store directory (default as for init)")
+    verify.add_argument("--log", metavar="FILE", help="a copy of an agent's log")
+    verify.add_argument("--head", metavar="FILE",
+                        help="the signed head to check it against (the agent's head file)")
+    verify.add_argument("--npub", help="with --log: the agent the head must be signed by "
+                        "(default: whoever signed it, which the verdict names)")
+    verify.set_defaults(run=cmd_verify)
+
     archive_cli.add_parsers(sub)
     fleet.add_parsers(sub)
     nostr_cli.add_parser(sub)
@@ -190,7 +299,8 @@ def parser() -> argparse.ArgumentParser:
 
 def _helper_form(argv: list[str]) -> list[str]:
     """`agentfs STORE MOUNTPOINT -o OPTS` (mount.fuse's convention) as a mount command."""
-    commands = {"init", "id", "mount", "export", "import", "nostr", *fleet.COMMANDS}
+    commands = {"init", "id", "mount", "verify", "export", "import", "nostr",
+                *fleet.COMMANDS}
     if len(argv) >= 2 and argv[0] not in commands and not argv[0].startswith("-"):
         return ["mount", "--store", argv[0], argv[1], *argv[2:]]
     return argv

@@ -3,7 +3,8 @@
 Each caller hands over a function of a write transaction and waits.  One task drains
 the queue and runs every waiting function in a child transaction of a single parent,
 in a worker thread, so one fsync acknowledges them all and the event loop keeps
-serving reads meanwhile.  A function that raises rolls back only its own child.
+serving reads meanwhile.  A function that raises rolls back only its own child.  `seal`
+runs last in the parent, once per commit: it signs the heads of the logs that grew.
 """
 
 from __future__ import annotations
@@ -47,8 +48,12 @@ FLUSH_INTERVAL = 0.1  # durability=daemon: the most a power cut may lose, in sec
 
 
 class CommitQueue:
-    def __init__(self, store: AgentStore, max_batch: int = 256) -> None:
+    def __init__(self, store: AgentStore, max_batch: int = 256,
+                 seal: Callable[[Txn], None] | None = None) -> None:
         self.store = store
+        self.seal = seal
+        # Called in the event loop after each commit (the head publisher's cue).
+        self.committed: Callable[[], None] = _nothing
         self.max_batch = max_batch
         self._queue: list[_Pending[Any]] = []
         self._wakeup = trio.Event()
@@ -97,6 +102,7 @@ class CommitQueue:
                     await trio.to_thread.run_sync(self._apply_batch, batch)
                 for pending in batch:
                     pending.done.set()
+                self.committed()
 
     def _apply_batch(self, batch: list[_Pending[Any]]) -> None:
         env = self.store.env
@@ -115,6 +121,8 @@ class CommitQueue:
                         pending.error = errors.FsError(errno.EIO, f"internal error: {e}")
                     else:
                         child.commit()
+                if self.seal is not None:
+                    self._seal(txn)
         except lmdb.MapFullError:
             failure: BaseException = errors.no_space("the store's map is full")
             for pending in batch:
@@ -130,3 +138,16 @@ class CommitQueue:
         self._stats.commits += 1
         self._stats.transactions += len(batch)
         self._stats.largest_batch = max(self._stats.largest_batch, len(batch))
+
+    def _seal(self, txn: Txn) -> None:
+        assert self.seal is not None
+        try:
+            self.seal(txn)
+        except lmdb.Error:
+            raise  # the commit would fail too: as any other transaction's error
+        except Exception:  # noqa: BLE001 - what the batch did is acknowledged all the same
+            log.exception("signing the logs' heads failed: `agentfs verify` will say so")
+
+
+def _nothing() -> None:
+    pass

@@ -51,13 +51,13 @@ class NewAgent:
 
 AGENT_VERBS = {"wake", "program", "name", "sleep", "terminate", "recover", "retries",
                "checkpoint", "charge", "spend", "alarm", "idle", "serve", "hooks", "token",
-               *caps.VERBS}
+               "publish", *caps.VERBS}
 # Settings a root ctl `new` may be followed by, for the agent it makes (as `grant` is).
 NEW_SETTINGS = ("serve", "hooks", "idle")
 # Verbs only a running tick may write, through its own AGENT_DIR/ctl.
 TICK_VERBS = {"checkpoint", "charge", "spend"}
 # Verbs only written from outside the agent: its owner's settings.
-OWNER_VERBS = {"retries", "token"}
+OWNER_VERBS = {"retries", "token", "publish"}
 TOKEN_RE = re.compile(r"^[\x21-\x7e]{16,256}$")
 
 
@@ -138,6 +138,10 @@ def parse_agent_ctl(data: bytes) -> list[Command]:
             else:
                 raise errors.invalid("ctl: usage: token SECRET (16-256 printable ASCII "
                                      "characters, no spaces) | token none")
+        elif verb == "publish":
+            if rest not in ("heads", "none"):
+                raise errors.invalid("ctl: usage: publish heads | publish none")
+            commands.append(Command(verb, (rest,)))
         elif verb in caps.VERBS:
             commands.append(Command(verb, caps.parse(verb, _words(rest, verb))))
         elif verb == "spend":

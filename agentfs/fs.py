@@ -414,8 +414,9 @@ class AgentFs(pyfuse3.Operations):
                                  what=f"open {node.kind.value}")
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if writing and node.kind is Kind.LOG:
-            await self._refuse(node, "open log for writing", "log: the audit trail is read-only")
+        if writing and node.kind in (Kind.LOG, Kind.HEAD):
+            await self._refuse(node, f"open {node.kind.value} for writing",
+                               f"{node.kind.value}: the audit trail is read-only")
         if writing and node.kind is Kind.OUTBOX and tick is None:
             await self._refuse(node, "open outbox for writing",
                                "outbox: only the agent's own ticks append to it, through "
@@ -501,6 +502,8 @@ class AgentFs(pyfuse3.Operations):
             return self.runtime.ctl_text(node.index, tick)
         if node.kind is Kind.BUDGET:
             return self.runtime.budget_text(node.index)
+        if node.kind is Kind.HEAD:
+            return self.runtime.head_text(node.index)
         if node.kind is Kind.PLUMB_RULES:
             return self.runtime.plumbing.rules_text()
         if node.kind is Kind.NOSTR_RELAYS:

@@ -22,24 +22,31 @@ class Journal:
         self.store = store
         self.db = store.db[name]
 
-    def size(self, txn: Txn, index: int) -> int:
+    def last(self, txn: Txn, index: int) -> tuple[int, bytes] | None:
+        """The offset and bytes of the agent's last line, or None for an empty journal."""
         cursor = txn.cursor(db=self.db)
-        prefix = agent_key(index)
         if cursor.set_range(agent_key(index + 1)):
             if not cursor.prev():
-                return 0
+                return None
         elif not cursor.last():
-            return 0
+            return None
         key = bytes(cursor.key())
-        if not key.startswith(prefix):
-            return 0
-        return int.from_bytes(key[4:], "big") + len(cursor.value())
+        if not key.startswith(agent_key(index)):
+            return None
+        return int.from_bytes(key[4:], "big"), bytes(cursor.value())
+
+    def size(self, txn: Txn, index: int) -> int:
+        last = self.last(txn, index)
+        return 0 if last is None else last[0] + len(last[1])
 
     def append(self, txn: Txn, index: int, record: dict[str, Any]) -> int:
         """Append one record; returns the offset its line starts at."""
         offset = self.size(txn, index)
-        txn.put(agent_key(index) + offset.to_bytes(8, "big"), encode_line(record), db=self.db)
+        self.put(txn, index, offset, encode_line(record))
         return offset
+
+    def put(self, txn: Txn, index: int, offset: int, line: bytes) -> None:
+        txn.put(agent_key(index) + offset.to_bytes(8, "big"), line, db=self.db)
 
     def read(self, txn: Txn, index: int, offset: int, size: int) -> bytes:
         prefix = agent_key(index)

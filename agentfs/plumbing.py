@@ -164,17 +164,18 @@ class Plumbing:
                 raise errors.denied(f"plumb: agent {decision.port} is terminated")
             delivered.agents.add(index)
         elif decision.port == NOSTR_PORT:
-            self._enqueue(txn, NOSTR_PORT,
-                          self.runtime.nostr.outgoing(txn, decision.message, sender))
+            self.enqueue(txn, NOSTR_PORT,
+                         self.runtime.nostr.outgoing(txn, decision.message, sender))
             delivered.ports.add(NOSTR_PORT)
         elif decision.port:
-            self._enqueue(txn, decision.port, decision.message)
+            self.enqueue(txn, decision.port, decision.message)
             delivered.ports.add(decision.port)
         else:
             raise errors.invalid("plumb: the rule starts a program; agentfs runs none")
         return decision.port
 
-    def _enqueue(self, txn: Txn, port: str, message: Message) -> None:
+    def enqueue(self, txn: Txn, port: str, message: Message) -> None:
+        """Queue `message` on `port` for the drivers, past the rules."""
         seq = self.store.bump_counter(txn, None, b"port:" + port.encode())
         entry = message.to_json()
         entry["id"] = message.attr.get("id") or ""

@@ -17,6 +17,7 @@ import trio
 
 from . import budget, caps, errors, lifecycle, state, status
 from .alarms import Alarm, Alarms
+from .audit import AuditLog, HeadPublisher
 from .committer import CommitQueue
 from .ctl import OWNER_VERBS, TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_program
 from .egress import Egress
@@ -48,9 +49,11 @@ class Runtime:
         self.sandbox = sandbox
         self.inbox = Inbox(store)
         self.outbox = Journal(store, "outbox")
-        self.log = Journal(store, "log")
+        self.log = AuditLog(store)
         self.alarms = Alarms(store)
-        self.committer = CommitQueue(store)
+        self.committer = CommitQueue(store, seal=self.log.seal)
+        self.publisher = HeadPublisher(self)
+        self.committer.committed = self.publisher.committed
         self.engine = TickEngine(self, mountpoint, jobs)
         self.plumbing = Plumbing(self)
         self.nostr = NostrBridge(self)
@@ -67,6 +70,7 @@ class Runtime:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.committer.run)
             await nursery.start(self.engine.run)
+            nursery.start_soon(self.publisher.run)
             self.refusals.nursery = nursery
             if self.sandbox is not None:
                 # The proxy serves inside the sandbox's network namespace, once it is up.
@@ -142,6 +146,7 @@ class Runtime:
             ("hooks", lifecycle.shown_hooks(record)),
             ("alarm", alarm.describe() if (alarm := Alarm.decode(record.alarm)) else "-"),
             ("token", "set" if record.token else "-"),
+            ("publish", "heads" if record.publish else "none"),
             *caps.shown(record),
             ("sandbox", self.sandbox_state()),
         ]
@@ -179,6 +184,13 @@ class Runtime:
         with self.store.read() as txn:
             record = self.store.require_agent(txn, index)
             return budget.render(record, self.storage_bytes(txn, index)).encode()
+
+    def head_text(self, index: int) -> bytes:
+        """The log's signed head, a Nostr event as one JSON line (empty before any record)."""
+        with self.store.read() as txn:
+            self.store.require_agent(txn, index)
+            head = self.log.head(txn, index)
+        return b"" if head is None else head + b"\n"
 
     def inbox_text(self, index: int, tick: RunningTick | None = None) -> bytes:
         with self.store.read() as txn:
@@ -368,6 +380,8 @@ class Runtime:
                 [] if command.args == ("none",) else list(command.args)
         elif verb == "token":
             record.token = command.args[0] or None
+        elif verb == "publish":
+            record.publish = command.args[0] == "heads"
         elif verb in caps.VERBS:
             caps.apply(record, command)
 

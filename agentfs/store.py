@@ -19,6 +19,8 @@ Layout (named databases; an agent is its 4-byte big-endian creation index `ix`):
     secrets   name -> the root file `secrets`' entry, its value sealed (see factotum.py)
     keys      ix -> the private key of an agent imported from a store of another mnemonic,
               sealed (see keyring.py); every other agent's key derives from the mnemonic
+    heads     ix -> the signed head of the agent's log, a Nostr event as JSON (see audit.py)
+    publish   ix -> b"": agents whose heads go out through the nostr port; by `put_agent`
 """
 
 from __future__ import annotations
@@ -40,12 +42,13 @@ from . import errors
 from .identity import npub_encode
 
 # 2: lifecycle hooks, the awake index, alarms; 3: imported keys, which an agentfs that
-# knew only derived keys would silently sign with the wrong key for.
-STORE_VERSION = 3
+# knew only derived keys would silently sign with the wrong key for; 4: the log's hash
+# chain and its signed heads, which an older agentfs would break with unchained records.
+STORE_VERSION = 4
 # How far the Nostr driver has read (unix seconds): from the store's birth at first.
 NOSTR_SINCE_KEY = b"nostr-since"
 DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters",
-            "seen", "ports", "alarms", "awake", "tokens", "secrets", "keys")
+            "seen", "ports", "alarms", "awake", "tokens", "secrets", "keys", "heads", "publish")
 
 # Address space only: LMDB grows the file as pages are written, not to the map size.
 DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
@@ -102,6 +105,7 @@ class AgentRecord:
     alarm: dict[str, Any] | None = None  # see alarms.Alarm
     token: str | None = None  # SHA-256 (hex) of the bearer token the HTTP driver checks
     caps: dict[str, list[str]] = field(default_factory=dict)  # granted: see caps.py
+    publish: bool = False  # its log's signed heads go out through the nostr port
 
     @property
     def awake(self) -> bool:
@@ -133,10 +137,10 @@ class StoreInUse(Exception):
 class AgentStore:
     """An open store: the LMDB environment, its databases and the daemon lock."""
 
-    def __init__(self, path: Path, env: lmdb.Environment) -> None:
+    def __init__(self, path: Path, env: lmdb.Environment, create_dbs: bool = True) -> None:
         self.path = path
         self.env = env
-        self.db = {name: env.open_db(name.encode()) for name in DB_NAMES}
+        self.db = {name: env.open_db(name.encode(), create=create_dbs) for name in DB_NAMES}
         self._lock_fd: int | None = None
         self.synced = True  # every commit is on the disk when it returns (durability=disk)
 
@@ -189,7 +193,10 @@ class AgentStore:
         if version == b"1":
             store._migrate_from_1()
             version = str(STORE_VERSION).encode()
-        if version == b"2":  # 3 adds the `keys` database, which opening the store made
+        if version in (b"2", b"3"):
+            # Opening the store made the databases 3 and 4 add (`keys`, `heads`, `publish`).
+            # Logs of before 4 have no hash chain: their records stay as they are (offsets
+            # are stable), and the chain starts with the next record (see audit.py).
             with store.env.begin(write=True) as txn:
                 txn.put(b"version", str(STORE_VERSION).encode(), db=store.db["meta"])
             version = str(STORE_VERSION).encode()
@@ -198,6 +205,24 @@ class AgentStore:
             raise ValueError(
                 f"{path}: store version {version!r}, this agentfs reads {STORE_VERSION}")
         return store
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> AgentStore:
+        """The store for reading only, beside a daemon that may be serving it (no lock, no
+        migration): what `agentfs verify` reads."""
+        path = Path(path)
+        if not (path / "data.mdb").exists():
+            raise FileNotFoundError(f"{path}: no store here")
+        env = lmdb.open(str(path), max_dbs=len(DB_NAMES) + 2, subdir=True, readonly=True,
+                        readahead=False, max_readers=256)
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            version = txn.get(b"version", db=meta)
+        if version != str(STORE_VERSION).encode():
+            env.close()
+            raise ValueError(f"{path}: store version {version!r}, this agentfs reads "
+                             f"{STORE_VERSION} (mount it once with this agentfs)")
+        return cls(path, env, create_dbs=False)
 
     def _migrate_from_1(self) -> None:
         """Version 1 had no lifecycle: an agent still `creating` is owed its `create`, and
@@ -271,7 +296,8 @@ class AgentStore:
     def put_agent(self, txn: Txn, record: AgentRecord) -> None:
         key = agent_key(record.index)
         txn.put(key, record.encode(), db=self.db["agents"])
-        for index_db, member in (("awake", record.awake), ("tokens", bool(record.token))):
+        for index_db, member in (("awake", record.awake), ("tokens", bool(record.token)),
+                                 ("publish", record.publish)):
             if member:
                 txn.put(key, b"", db=self.db[index_db])
             else:

@@ -24,6 +24,7 @@ class Kind(enum.Enum):
     INBOX = "inbox"
     OUTBOX = "outbox"
     LOG = "log"
+    HEAD = "head"
     BUDGET = "budget"
     PLUMB = "plumb"
     PLUMB_RULES = "plumb/rules"
@@ -77,6 +78,8 @@ AGENT_FILES = (
     ServedFile("inbox", Kind.INBOX, stat.S_IFREG | 0o600, stat.S_IFREG | 0o600),
     ServedFile("outbox", Kind.OUTBOX, stat.S_IFREG | 0o400, stat.S_IFREG | 0o600),
     ServedFile("log", Kind.LOG, stat.S_IFREG | 0o400, stat.S_IFREG | 0o400),
+    # The log's signed head (audit.py), for checking a copy of the log anywhere.
+    ServedFile("head", Kind.HEAD, stat.S_IFREG | 0o400, stat.S_IFREG | 0o400),
     ServedFile("budget", Kind.BUDGET, stat.S_IFREG | 0o600, stat.S_IFREG | 0o400),
 )
 AGENT_FILE_BY_NAME = {f.name: f for f in AGENT_FILES}

@@ -77,6 +77,12 @@ def import_(store: Store, tar: bytes, *args: str,
                    passphrase=passphrase)
 
 
+def verified(store: Store, name: str) -> subprocess.CompletedProcess[str]:
+    """`agentfs verify` of an agent's log in `store`."""
+    return subprocess.run([*AGENTFS, "verify", "--store", str(store.path), name],
+                          capture_output=True, text=True, timeout=60)
+
+
 def same_words(path: Path, store: Store) -> Store:
     """A new store at `path` made from `store`'s mnemonic (a recovery)."""
     words = path.parent / f"{path.name}.words"
@@ -236,6 +242,10 @@ def test_the_same_mnemonic_keeps_index_and_npub_and_everything_else(
     assert int(b_budget.pop(used)) == int(a_budget.pop(used)) + len(import_line)
     assert b_budget == a_budget and a_budget["max_tick_duration"] == "7s"
     assert (b_log[-1]["from_index"], b_log[-1]["key"]) == (1, "derived")
+    # The archive's records keep their chain; the import's record goes on it, signed.
+    checked = verified(b, "bob")
+    assert checked.returncode == 0 and f"{len(b_log)} records check" in checked.stdout, \
+        checked.stdout
     assert (b_mp / "alarms").read_text() == "".join(
         line + "\n" for line in (a_mp / "alarms").read_text().splitlines()
         if source.bob in line)
@@ -524,3 +534,6 @@ def test_an_agent_moved_to_a_store_of_another_mnemonic_answers_at_its_old_npub(
     seen = json_lines(Path(program + ".seen"))
     assert [t["data"] for t in seen] == ["before the move", "after the move"]
     assert [r["key"] for r in new.log("dan") if r["event"] == "import"] == ["imported"]
+    # Its log's head is signed with its own key, which no mnemonic here derives.
+    checked = verified(new.store, "dan")
+    assert checked.returncode == 0 and npub in checked.stdout, checked.stdout

@@ -181,7 +181,8 @@ WELL_FORMED_CTL = st.one_of(
     WAKE,
     st.sampled_from(["alarm 30s", "alarm 2h", "alarm every 5m", "alarm cancel", "idle 0",
                      "idle 5m", "idle 1500ms", "alarm at 2030-01-01T00:00:00Z",
-                     "alarm at 2027-06-01T12:00:00.5+02:00", "token none"]),
+                     "alarm at 2027-06-01T12:00:00.5+02:00", "token none", "publish heads",
+                     "publish none"]),
     st.builds(lambda token: f"token {token}", TOKEN),
     st.sampled_from(["sleep", "recover", "wake"]),
     st.builds(lambda n: f"retries {n}", st.one_of(SMALL, st.just("007"))),
@@ -437,6 +438,8 @@ def test_random_ctl_writes(shared: Mount, data: bytes) -> None:
             status["idle"] = format_duration(float(command.args[0]))
         elif command.verb == "token":
             status["token"] = "set" if command.args[0] else "-"
+        elif command.verb == "publish":
+            status["publish"] = command.args[0]
         elif command.verb == "alarm":
             alarm = alarm_of(command)
             status["alarm"] = alarm.describe() if alarm else "-"

@@ -28,7 +28,7 @@ from agentfs.identity import agent_private_key, npub_encode, nsec_encode, public
 from agentfs.inbox import MAX_LINE
 
 ROOT_FILES = ["alarms", "ctl", "nostr", "plumb", "secrets", "status", "tokens"]
-AGENT_FILES = ["budget", "ctl", "inbox", "log", "outbox", "state"]
+AGENT_FILES = ["budget", "ctl", "head", "inbox", "log", "outbox", "state"]
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
 
@@ -80,12 +80,13 @@ def test_ctl_status_fields(mount: Mount) -> None:
     lines = (mount.mp / "alice" / "ctl").read_text().splitlines()
     assert [line.split(" ", 1)[0] for line in lines] == \
         ["npub", "name", "status", "ticks", "pending", "last", "program", "retries", "idle",
-         "serve", "hooks", "alarm", "token", "net", "secret", "tool", "spend", "sandbox", "uid"]
+         "serve", "hooks", "alarm", "token", "publish", "net", "secret", "tool", "spend",
+         "sandbox", "uid"]
     # Without a program its create trigger cannot run: it stays creating.
     assert mount.status("alice") == {"npub": npub, "name": "alice", "status": "creating",
                                      "ticks": "0", "pending": "0", "last": "-", "program": "-",
                                      "retries": "3", "idle": "30s", "serve": "off", "hooks": "all",
-                                     "alarm": "-", "token": "-",
+                                     "alarm": "-", "token": "-", "publish": "none",
                                      "net": "-", "secret": "-", "tool": "-", "spend": "-",
                                      "sandbox": "on", "uid": str(UID_BASE)}  # agent 0
     assert mount.status("bob")["program"] == "/bin/sh -c 'echo '\"'\"'hi there'\"'\"''"

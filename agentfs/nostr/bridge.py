@@ -88,6 +88,12 @@ class NostrBridge:
         return self._queued(message, event)
 
     @staticmethod
+    def published(npub: str, event: Event) -> PlumbMessage:
+        """The queued form of an event of the agent's own to publish (its log's head)."""
+        return NostrBridge._queued(PlumbMessage(src=npub, dst="", wdir="", type="nostr",
+                                                attr={}, data=""), event)
+
+    @staticmethod
     def _queued(message: PlumbMessage, event: Event) -> PlumbMessage:
         attr = {"id": event.id, "kind": str(event.kind)}
         if message.attr.get("id"):
