@@ -10,11 +10,13 @@ from __future__ import annotations
 import errno
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import TypeVar
 
 import trio
 
-from . import budget, caps, errors, lifecycle, state
+from . import budget, caps, errors, lifecycle, state, values
 from .alarms import Alarm, Alarms
 from .committer import CommitQueue
 from .ctl import OWNER_VERBS, TICK_VERBS, Command, parse_agent_ctl, parse_root_ctl, quote_program
@@ -42,6 +44,8 @@ class Runtime:
     def __init__(self, store: AgentStore, mountpoint: str, jobs: int = 8,
                  sandbox: Sandbox | None = None, proxy_ca: str | None = None) -> None:
         self.store = store
+        values.sweep(store)  # the drafts a crash left: their writers are gone
+        self.ids = values.ValueIds(store)
         # None: ticks run unconfined (-o sandbox=off), which ctl and the log say.
         self.sandbox = sandbox
         self.inbox = Inbox(store)
@@ -56,7 +60,7 @@ class Runtime:
         self.egress = Egress(self, proxy_ca)
         self.refusals = RefusalLog(self._log_refusal)
         self._locks: dict[int, trio.Lock] = {}
-        # Files made empty by create or O_TRUNC, not yet committed: see `state_empty`.
+        # Files made by create, not yet committed: see `state_empty`.
         self._unwritten: dict[int, dict[str, state.Entry]] = {}
         # Called with an agent's old name after it changed: the file server drops the link.
         self.name_dropped: Callable[[str], Awaitable[None]] = _nothing
@@ -275,6 +279,7 @@ class Runtime:
         def apply(txn: Txn) -> list[str]:
             mnemonic = self.store.mnemonic(txn)
             created = []
+            indexes.clear()  # run again if the map was full
             for new in wanted:
                 if self.store.index_by_name(txn, new.name) is not None:
                     raise errors.exists(f"name {new.name!r}")
@@ -531,25 +536,28 @@ class Runtime:
             self.queue_trigger(txn, record, {"type": "budget", **warning})
         return bool(crossed)
 
-    async def commit_state(self, index: int, op: Callable[[state.StateView], T]) -> T:
+    async def commit_state(self, index: int, op: Callable[[state.TxnState], T]) -> T:
         """Commit `op` on the agent's state, with its unwritten files first (lock held)."""
         unwritten = dict(self._unwritten.get(index, {}))
 
-        def apply(txn: Txn) -> tuple[T, bool]:
+        def apply(txn: Txn) -> tuple[T, bool, list[values.Draft]]:
             record = self._writable(txn, index)
             view = state.TxnState(self.store, txn, index)
             for path, entry in unwritten.items():
                 view.set(path, entry)
             result = op(view)
+            view.finish()
             if view.bytes_delta > 0:
                 self.check_storage(record, self.storage_bytes(txn, index), view.bytes_delta)
             self.add_storage(txn, index, view.bytes_delta)
             warned = self.warn_budget(txn, record, now=rfc3339_now())
             if warned:
                 self.store.put_agent(txn, record)
-            return result, warned and record.awake
+            return result, warned and record.awake, view.published
 
-        result, wake = await self.committer.commit(apply)
+        result, wake, published = await self.committer.commit(apply)
+        for draft in published:
+            values.published(draft)
         if wake:
             self.engine.notify(index)
         pending = self._unwritten.get(index, {})
@@ -560,18 +568,16 @@ class Runtime:
             self._unwritten.pop(index, None)
         return result
 
-    async def state_empty(self, index: int, tick: RunningTick | None, path: str,
-                          create: bool) -> None:
-        """An empty file at `path`, new (O_CREAT) or truncated (O_TRUNC).
+    async def state_empty(self, index: int, tick: RunningTick | None, path: str) -> None:
+        """A new empty file at `path` (O_CREAT).
 
         Outside a tick it is visible at once but committed with the file's first write, or
         when the file is closed: `echo x > f` then costs one durable commit, not two.
         """
+        blob = self.ids.new()
+
         def empty(view: state.StateView) -> None:
-            if create:
-                state.create(view, path)
-            else:
-                state.truncate(view, path, 0)
+            state.create(view, path, blob)
 
         if tick is not None:
             await self.state_op(index, tick, empty)
@@ -596,6 +602,172 @@ class Runtime:
             return tick.overlay.get(path)
         with self.store.read() as txn:
             return _UnwrittenView(self, txn, index).get(path)
+
+    def state_read_at(self, index: int, tick: RunningTick | None, path: str, offset: int,
+                      length: int, writing: OpenWrite | None = None) -> bytes:
+        """Bytes of a file as the reader sees it: the tick's, or committed (with what the
+        reader's own file descriptor wrote and has not yet closed)."""
+        entry = self.state_read(index, tick, path)
+        if entry is None:
+            raise errors.no_such_file(f"state/{path}")
+        draft, size = entry.draft, entry.size
+        if writing is not None and writing.draft is not None:
+            draft, size = writing.draft, writing.draft.size
+        elif writing is not None and writing.emptied:
+            return b""
+        with self.store.read() as txn:
+            return values.read(txn, self.store, entry.blob, size, draft, offset, length)
+
+    # -- writing values: through a draft --------------------------------------------
+
+    async def state_write(self, index: int, tick: RunningTick | None, path: str,
+                          offset: int, data: bytes, append: bool,
+                          writing: OpenWrite | None) -> None:
+        """write(2) to a `state/` file: into the tick's draft of it, or from outside into
+        the draft of the file descriptor (`writing`), committed whole at its close."""
+        if tick is not None:
+            await self._tick_draft(index, tick, path, lambda t, d: values.plan_write(
+                t, self.store, d, d.size if append else offset, data))
+            return
+        assert writing is not None
+        await self._outside_draft(writing, lambda t, d: values.plan_write(
+            t, self.store, d, d.size if append else offset, data))
+
+    async def state_truncate(self, index: int, tick: RunningTick | None, path: str, size: int,
+                             writing: OpenWrite | None = None) -> None:
+        """truncate(2): in the tick's draft; from outside through a file descriptor
+        (ftruncate), in its draft; by path, committed at once."""
+        if tick is not None:
+            await self._tick_draft(index, tick, path,
+                                   lambda t, d: values.plan_truncate(t, self.store, d, size))
+            return
+        if writing is not None:
+            await self._outside_draft(
+                writing, lambda t, d: values.plan_truncate(t, self.store, d, size))
+            return
+
+        def cut(view: state.TxnState) -> None:
+            entry = state.file(view, path)
+            draft = values.Draft(self.ids.new(), entry.blob, index, entry.size)
+            staging = values.plan_truncate(view.txn, self.store, draft, size)
+            values.stage(view.txn, self.store, staging)
+            values.staged(staging)
+            view.set(path, entry.changed(size, draft))
+
+        async with self.agent_lock(index):
+            await self.commit_state(index, cut)
+
+    async def _tick_draft(self, index: int, tick: RunningTick, path: str,
+                          plan: Callable[[Txn, values.Draft], values.Staging]) -> None:
+        """Stage a change to a file in the tick's draft of it (made at its first change)."""
+        if tick.index != index:
+            raise errors.denied("a tick may only touch its own agent's state")
+        overlay = tick.overlay
+        while True:
+            _live(tick)
+            entry = state.file(overlay, path)
+            draft = entry.draft
+            if draft is None or draft.published:
+                draft = overlay.new_draft(entry)
+                overlay.set(path, entry._replace(draft=draft))
+            async with draft.lock:
+                _live(tick)  # it ended meanwhile: its commit has what it had
+                if _holding(overlay.changes, draft) is None:
+                    continue  # a checkpoint froze the draft, or the file went: look again
+                with self.store.read() as txn:
+                    staging = plan(txn, draft)
+                grew = staging.size - draft.size
+                if grew > 0:
+                    self.check_storage(tick.record, tick.storage_base + overlay.bytes_delta +
+                                       overlay.outbox_bytes, grew)
+                await self._stage(staging)
+                moved = _holding(overlay.changes, draft)  # renamed meanwhile, perhaps
+                if moved is not None:
+                    overlay.set(moved, overlay.changes[moved].changed(  # type: ignore[union-attr]
+                        draft.size, draft))
+                return
+
+    async def _outside_draft(self, writing: OpenWrite,
+                             plan: Callable[[Txn, values.Draft], values.Staging]) -> None:
+        """Stage a change in the draft of a file descriptor opened from outside."""
+        if writing.refused is not None:
+            raise errors.FsError(writing.refused.errno,
+                                 f"state/{writing.path}: a write through this file was refused "
+                                 f"({writing.refused.message}); nothing more is taken, and "
+                                 "closing it leaves the value as it was")
+        async with writing.lock:
+            index, path = writing.index, writing.path
+            with self.store.read() as txn:
+                record = self._writable(txn, index)
+                view = _UnwrittenView(self, txn, index)
+                entry = state.file(view, path)
+                draft = writing.draft
+                if draft is None:
+                    draft = values.Draft(self.ids.new(), entry.blob, index,
+                                         0 if writing.emptied else entry.size)
+                    if writing.emptied:
+                        draft.cut = 0
+                staging = plan(txn, draft)
+                grew = staging.size - entry.size
+                stored = self.storage_bytes(txn, index)
+            try:
+                if staging.size > draft.size and grew > 0:
+                    self.check_storage(record, stored, grew)
+                writing.draft = draft
+                await self._stage(staging)
+            except errors.FsError as e:
+                writing.refused = e  # the value stays as it was: nothing of this open counts
+                await self._drop_draft(writing)
+                raise
+
+    async def _stage(self, staging: values.Staging) -> None:
+        """Put a draft's new chunks in the store (a commit, but nobody sees them yet)."""
+        await self.committer.commit(lambda t: values.stage(t, self.store, staging))
+        values.staged(staging)
+
+    async def state_publish(self, writing: OpenWrite, closing: bool) -> None:
+        """Commit what a file descriptor wrote from outside, as a whole (close, fsync).
+
+        A flush with only an O_TRUNC pending (a shell's `>` closes the descriptor it
+        duplicated before anything is written) waits for the last close (`closing`)."""
+        if writing.refused is not None:
+            refused, writing.refused = writing.refused, None
+            raise errors.FsError(refused.errno, f"state/{writing.path}: a write was refused "
+                                 f"({refused.message}); the value is as it was")
+        if writing.draft is None and not (writing.emptied and closing):
+            return
+        async with writing.lock:
+            index, path, draft = writing.index, writing.path, writing.draft
+            blob = draft.blob if draft is not None else None
+
+            def publish(view: state.TxnState) -> None:
+                entry = view.get(path)
+                if entry is None or entry.is_dir or blob not in (None, entry.blob):
+                    raise errors.not_held(f"state/{path}: moved or removed while written; "
+                                          "what was written through this file is dropped")
+                new = draft
+                if new is None:  # emptied by O_TRUNC, nothing written
+                    new = values.Draft(self.ids.new(), entry.blob, index, 0, cut=0)
+                view.set(path, entry.changed(new.size, new))
+
+            try:
+                async with self.agent_lock(index):
+                    await self.commit_state(index, publish)
+            except errors.FsError:
+                await self._drop_draft(writing)
+                raise
+            finally:
+                writing.draft, writing.emptied = None, False
+
+    async def _drop_draft(self, writing: OpenWrite) -> None:
+        draft, writing.draft = writing.draft, None
+        if draft is not None and draft.registered and not draft.published:
+            await self.committer.commit(lambda t: values.discard(t, self.store, draft))
+
+    async def state_forget(self, writing: OpenWrite) -> None:
+        """A file descriptor closed after an error: what it staged goes."""
+        async with writing.lock:
+            await self._drop_draft(writing)
 
     def state_list(self, index: int, tick: RunningTick | None,
                    path: str) -> list[tuple[str, state.Entry]]:
@@ -645,8 +817,29 @@ class _UnwrittenView:
         yield from sorted(merged.items())
 
     def set(self, path: str, entry: state.Entry | None) -> None:
-        assert entry is not None and not entry.is_dir and not entry.data
+        assert entry is not None and not entry.is_dir and not entry.size
         self.runtime._unwritten.setdefault(self.index, {})[path] = entry
+
+
+@dataclass(eq=False)
+class OpenWrite:
+    """What a file descriptor opened from outside has written to a `state/` file and not
+    yet committed: its draft, published whole at close or fsync."""
+
+    index: int
+    path: str
+    emptied: bool = False  # opened with O_TRUNC: the value is to be empty but for writes
+    draft: values.Draft | None = None
+    refused: errors.FsError | None = None  # a write failed: the value stays as it was
+    lock: trio.Lock = dataclass_field(default_factory=trio.Lock)
+
+
+def _holding(changes: dict[str, state.Entry | None], draft: values.Draft) -> str | None:
+    """The path whose entry in a tick's changes holds `draft` (a rename may move it)."""
+    for path, entry in changes.items():
+        if entry is not None and entry.draft is draft:
+            return path
+    return None
 
 
 async def _nothing(name: str) -> None:

@@ -5,7 +5,9 @@ Layout (named databases; an agent is its 4-byte big-endian creation index `ix`):
     agents    ix -> AgentRecord as JSON
     pubkeys   32-byte x-only pubkey -> ix
     names     name -> ix
-    state     ix + parent path + b"\\0" + name -> entry (see state.py)
+    state     ix + parent path + b"\\0" + name -> entry: a file's size and blob (state.py)
+    chunks    blob + chunk number + gen (8 bytes each) -> up to 256 KiB of a value (values.py)
+    drafts    gen -> ix + blob: drafts not yet published, whose chunks readers skip
     inbox     ix + seq (8 bytes) -> message JSON (pending triggers; consumed ones are deleted)
     outbox    ix + byte offset (8 bytes) -> one JSON line (see journal.py)
     log       ix + byte offset (8 bytes) -> one JSON line
@@ -34,19 +36,28 @@ from typing import Any
 
 import lmdb
 
-from . import errors
+from . import errors, values
 from .identity import npub_encode
 
-STORE_VERSION = 2  # 2: lifecycle hooks, the awake index, alarms
+STORE_VERSION = 3  # 2: lifecycle hooks, the awake index, alarms; 3: values in chunks
 # How far the Nostr driver has read (unix seconds): from the store's birth at first.
 NOSTR_SINCE_KEY = b"nostr-since"
 DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters",
-            "seen", "ports", "alarms", "awake", "tokens", "secrets")
+            "seen", "ports", "alarms", "awake", "tokens", "secrets", "chunks", "drafts")
 
 # Address space only: LMDB grows the file as pages are written, not to the map size.
 DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
+# A daemon maps twice what the file holds (at least this), and doubles the map when a
+# commit finds it full, up to its largest (`-o map_size`): so a full map is a real limit.
+MIN_MAP_SIZE = 8 << 20
 
 Txn = lmdb.Transaction
+
+
+def _pages(size: int) -> int:
+    """`size` rounded up to whole pages, as LMDB wants a map size."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    return -(-size // page) * page
 
 
 def agent_key(index: int) -> bytes:
@@ -127,10 +138,12 @@ class StoreInUse(Exception):
 class AgentStore:
     """An open store: the LMDB environment, its databases and the daemon lock."""
 
-    def __init__(self, path: Path, env: lmdb.Environment) -> None:
+    def __init__(self, path: Path, env: lmdb.Environment,
+                 max_map_size: int = DEFAULT_MAP_SIZE) -> None:
         self.path = path
         self.env = env
         self.db = {name: env.open_db(name.encode()) for name in DB_NAMES}
+        self.max_map_size = max_map_size
         self._lock_fd: int | None = None
 
     # -- opening ---------------------------------------------------------
@@ -167,14 +180,20 @@ class AgentStore:
 
     @classmethod
     def open(cls, path: Path, map_size: int = DEFAULT_MAP_SIZE) -> AgentStore:
+        """Open a store whose map may grow to `map_size` bytes."""
         path = Path(path)
         if not (path / "data.mdb").exists():
             raise FileNotFoundError(f"{path}: no store here (create one with `agentfs init`)")
-        store = cls(path, cls._open_env(path, map_size))
+        used = (path / "data.mdb").stat().st_size
+        start = max(min(map_size, max(2 * used, MIN_MAP_SIZE)), used)
+        store = cls(path, cls._open_env(path, _pages(start)), map_size)
         with store.env.begin() as txn:
             version = txn.get(b"version", db=store.db["meta"])
         if version == b"1":
             store._migrate_from_1()
+            version = b"2"
+        if version == b"2":
+            values.migrate_inline_values(store)
             version = str(STORE_VERSION).encode()
         if version != str(STORE_VERSION).encode():
             store.close()
@@ -193,7 +212,20 @@ class AgentStore:
             meta = self.db["meta"]
             if txn.get(NOSTR_SINCE_KEY, db=meta) is None:
                 txn.put(NOSTR_SINCE_KEY, str(int(time.time())).encode(), db=meta)
-            txn.put(b"version", str(STORE_VERSION).encode(), db=meta)
+            txn.put(b"version", b"2", db=meta)
+
+    def map_size(self) -> int:
+        return int(self.env.info()["map_size"])
+
+    def grow(self) -> int | None:
+        """Double the map (up to its largest); returns the new size, or None if it is at
+        its largest.  Only with no transaction open in this process (LMDB remaps)."""
+        size = self.map_size()
+        new = _pages(min(2 * size, self.max_map_size))
+        if new <= size:
+            return None
+        self.env.set_mapsize(new)
+        return new
 
     def lock(self) -> None:
         """Take the one-daemon-per-store lock; its file holds the daemon's pid."""
