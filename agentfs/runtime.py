@@ -62,6 +62,9 @@ class Runtime:
         self._locks: dict[int, trio.Lock] = {}
         # Files made by create, not yet committed: see `state_empty`.
         self._unwritten: dict[int, dict[str, state.Entry]] = {}
+        # Files opened with O_TRUNC from outside, closed once with nothing written: empty to
+        # readers, and committed empty at their last close (`state_publish`).
+        self._emptied: dict[int, dict[str, tuple[OpenWrite, state.Entry]]] = {}
         # Called with an agent's old name after it changed: the file server drops the link.
         self.name_dropped: Callable[[str], Awaitable[None]] = _nothing
 
@@ -734,7 +737,15 @@ class Runtime:
             refused, writing.refused = writing.refused, None
             raise errors.FsError(refused.errno, f"state/{writing.path}: a write was refused "
                                  f"({refused.message}); the value is as it was")
-        if writing.draft is None and not (writing.emptied and closing):
+        if writing.draft is None and not writing.emptied:
+            return
+        if writing.draft is None and not closing:
+            # A shell's `>` closes the descriptor it duplicated before anything is written:
+            # the file looks empty from now, but the old value stays until the last close.
+            with self.store.read() as txn:
+                entry = state.file(_UnwrittenView(self, txn, writing.index), writing.path)
+            self._emptied.setdefault(writing.index, {})[writing.path] = (
+                writing, state.Entry(False, state.now_ns(), 0, entry.blob))
             return
         async with writing.lock:
             index, path, draft = writing.index, writing.path, writing.draft
@@ -758,6 +769,11 @@ class Runtime:
                 raise
             finally:
                 writing.draft, writing.emptied = None, False
+                shown = self._emptied.get(index, {})
+                if shown.get(path, (None,))[0] is writing:
+                    del shown[path]
+                if not shown:
+                    self._emptied.pop(index, None)
 
     async def _drop_draft(self, writing: OpenWrite) -> None:
         draft, writing.draft = writing.draft, None
@@ -802,11 +818,18 @@ class _UnwrittenView:
     def __init__(self, runtime: Runtime, txn: Txn, index: int) -> None:
         self.committed = state.TxnState(runtime.store, txn, index)
         self.unwritten = runtime._unwritten.get(index, {})
+        self.emptied = runtime._emptied.get(index, {})
         self.runtime, self.index = runtime, index
 
     def get(self, path: str) -> state.Entry | None:
         entry = self.unwritten.get(path)
-        return entry if entry is not None else self.committed.get(path)
+        if entry is not None:
+            return entry
+        entry = self.committed.get(path)
+        shown = self.emptied.get(path)
+        if entry is not None and shown is not None and shown[1].blob == entry.blob:
+            return shown[1]
+        return entry
 
     def children(self, path: str) -> Iterator[tuple[str, state.Entry]]:
         merged = dict(self.committed.children(path))
