@@ -721,6 +721,7 @@ class Runtime:
             except errors.FsError as e:
                 writing.refused = e  # the value stays as it was: nothing of this open counts
                 await self._drop_draft(writing)
+                self._unempty(writing)
                 raise
 
     async def _stage(self, staging: values.Staging) -> None:
@@ -735,6 +736,7 @@ class Runtime:
         duplicated before anything is written) waits for the last close (`closing`)."""
         if writing.refused is not None:
             refused, writing.refused = writing.refused, None
+            self._unempty(writing)
             raise errors.FsError(refused.errno, f"state/{writing.path}: a write was refused "
                                  f"({refused.message}); the value is as it was")
         if writing.draft is None and not writing.emptied:
@@ -768,12 +770,17 @@ class Runtime:
                 await self._drop_draft(writing)
                 raise
             finally:
-                writing.draft, writing.emptied = None, False
-                shown = self._emptied.get(index, {})
-                if shown.get(path, (None,))[0] is writing:
-                    del shown[path]
-                if not shown:
-                    self._emptied.pop(index, None)
+                writing.draft = None
+                self._unempty(writing)
+
+    def _unempty(self, writing: OpenWrite) -> None:
+        """O_TRUNC no longer pending: the file shows its committed value again."""
+        writing.emptied = False
+        shown = self._emptied.get(writing.index, {})
+        if shown.get(writing.path, (None,))[0] is writing:
+            del shown[writing.path]
+        if not shown:
+            self._emptied.pop(writing.index, None)
 
     async def _drop_draft(self, writing: OpenWrite) -> None:
         draft, writing.draft = writing.draft, None
