@@ -126,6 +126,7 @@ class AgentFs(pyfuse3.Operations):
         try:
             yield
         except errors.FsError as e:
+            log = log and not isinstance(e, errors.Repeated)
             if log and node.index >= 0:
                 await self.runtime.refused(node.index, what, e)
             elif log:

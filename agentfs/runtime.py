@@ -698,7 +698,9 @@ class Runtime:
                                  f"state/{writing.path}: a write through this file was refused "
                                  f"({writing.refused.message}); nothing more is taken, and "
                                  "closing it leaves the value as it was")
-        async with writing.lock:
+        # The agent's lock: a write waits for a running tick, so that it starts from what
+        # the tick committed.
+        async with writing.lock, self.agent_lock(writing.index):
             index, path = writing.index, writing.path
             with self.store.read() as txn:
                 record = self._writable(txn, index)
@@ -710,6 +712,8 @@ class Runtime:
                                          0 if writing.emptied else entry.size)
                     if writing.emptied:
                         draft.cut = 0
+                    else:
+                        writing.base = (entry.mtime_ns, entry.size)
                 staging = plan(txn, draft)
                 grew = staging.size - entry.size
                 stored = self.storage_bytes(txn, index)
@@ -737,7 +741,7 @@ class Runtime:
         if writing.refused is not None:
             refused, writing.refused = writing.refused, None
             self._unempty(writing)
-            raise errors.FsError(refused.errno, f"state/{writing.path}: a write was refused "
+            raise errors.Repeated(refused.errno, f"state/{writing.path}: a write was refused "
                                  f"({refused.message}); the value is as it was")
         if writing.draft is None and not writing.emptied:
             return
@@ -758,6 +762,13 @@ class Runtime:
                 if entry is None or entry.is_dir or blob not in (None, entry.blob):
                     raise errors.not_held(f"state/{path}: moved or removed while written; "
                                           "what was written through this file is dropped")
+                if draft is not None and writing.base not in (None, (entry.mtime_ns,
+                                                                     entry.size)):
+                    # Its draft patched chunks of the value as it was: committing it would
+                    # undo, unseen, what was committed since.
+                    raise errors.busy(f"state/{path}: changed (by a tick, or another open "
+                                      "file) while this file was open for writing; what was "
+                                      "written through it is dropped")
                 new = draft
                 if new is None:  # emptied by O_TRUNC, nothing written
                     new = values.Draft(self.ids.new(), entry.blob, index, 0, cut=0)
@@ -770,7 +781,7 @@ class Runtime:
                 await self._drop_draft(writing)
                 raise
             finally:
-                writing.draft = None
+                writing.draft, writing.base = None, None
                 self._unempty(writing)
 
     def _unempty(self, writing: OpenWrite) -> None:
@@ -860,6 +871,7 @@ class OpenWrite:
     path: str
     emptied: bool = False  # opened with O_TRUNC: the value is to be empty but for writes
     draft: values.Draft | None = None
+    base: tuple[int, int] | None = None  # (mtime, size) of the value the draft patches
     refused: errors.FsError | None = None  # a write failed: the value stays as it was
     lock: trio.Lock = dataclass_field(default_factory=trio.Lock)
 
