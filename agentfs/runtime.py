@@ -653,8 +653,7 @@ class Runtime:
             entry = state.file(view, path)
             draft = values.Draft(self.ids.new(), entry.blob, index, entry.size)
             staging = values.plan_truncate(view.txn, self.store, draft, size)
-            values.stage(view.txn, self.store, staging)
-            values.staged(staging)
+            values.absorb(staging)
             view.set(path, entry.changed(size, draft))
 
         async with self.agent_lock(index):
@@ -729,9 +728,20 @@ class Runtime:
                 raise
 
     async def _stage(self, staging: values.Staging) -> None:
-        """Put a draft's new chunks in the store (a commit, but nobody sees them yet)."""
-        await self.committer.commit(lambda t: values.stage(t, self.store, staging))
-        values.staged(staging)
+        """Take a change into its draft; past SPILL bytes held, put them in the store (a
+        commit, but nobody sees them yet).  If that fails the draft is as it was."""
+        draft = staging.draft
+        before = (dict(draft.dirty), set(draft.staged), set(draft.doomed), draft.size,
+                  draft.cut)
+        values.absorb(staging)
+        if not values.should_spill(draft):
+            return
+        try:
+            await self.committer.commit(lambda t: values.spill(t, self.store, draft))
+        except BaseException:
+            draft.dirty, draft.staged, draft.doomed, draft.size, draft.cut = before
+            raise
+        values.spilled(draft)
 
     async def state_publish(self, writing: OpenWrite, closing: bool) -> None:
         """Commit what a file descriptor wrote from outside, as a whole (close, fsync).

@@ -5,7 +5,8 @@ A value is a blob: its bytes in CHUNK-sized pieces under `blob + chunk number + 
 chunks it covers.  A chunk holds no bytes past the value's size; a missing one reads as
 zeros (a sparse file).
 
-A write goes to a `Draft` first: the chunks it changes are put under the draft's own
+A write goes to a `Draft` first: the chunks it changes are held in memory (up to SPILL
+bytes, so a small value costs no commit of its own), then put under the draft's own
 `gen`, listed in the `drafts` database until the draft is published, and readers skip
 them.  Publishing, one small commit, deletes the chunks the draft replaced and drops its
 `drafts` row: its chunks are then the value's.  A draft never published (its writer
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .store import AgentStore, Txn
 
 CHUNK = 256 * 1024
+SPILL = 1 << 20  # bytes of chunks a draft holds in memory before it puts them in the store
 _IDS_KEY = b"next_value_id"
 # Ids a daemon takes for itself at start: the store records only where the next daemon's
 # begin, so making a file or a draft costs no commit of its own.
@@ -88,7 +90,9 @@ class Draft:
     size: int
     base: Draft | None = None
     cut: int = _NO_CUT
-    staged: set[int] = field(default_factory=set)
+    dirty: dict[int, bytes] = field(default_factory=dict)  # chunks held in memory
+    staged: set[int] = field(default_factory=set)  # chunks put in the store under gen
+    doomed: set[int] = field(default_factory=set)  # put once, truncated away since
     registered: bool = False
     published: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
@@ -124,6 +128,8 @@ def draft_chunk(txn: Txn, store: AgentStore, draft: Draft | None, blob: int,
                 number: int) -> bytes:
     """Chunk `number` as `draft` sees it (the committed value's if None)."""
     for version in draft.chain() if draft is not None else ():
+        if number in version.dirty:
+            return version.dirty[number]
         if number in version.staged:
             raw = txn.get(chunk_key(blob, number, version.gen), db=store.db["chunks"])
             return b"" if raw is None else bytes(raw)
@@ -154,7 +160,7 @@ def read(txn: Txn, store: AgentStore, blob: int, size: int, draft: Draft | None,
 
 @dataclass
 class Staging:
-    """The chunks one write or truncation puts under a draft's gen (and those it drops)."""
+    """The chunks one write or truncation gives a draft (and those it drops)."""
 
     draft: Draft
     puts: dict[int, bytes | memoryview] = field(default_factory=dict)
@@ -191,32 +197,47 @@ def plan_truncate(txn: Txn, store: AgentStore, draft: Draft, size: int) -> Stagi
     if size >= draft.size:
         return staging  # longer: the new bytes are zeros, held by no chunk
     staging.cut = min(draft.cut, size)
-    staging.drops = sorted(n for n in draft.staged if n * CHUNK >= size)
+    staging.drops = sorted(n for n in draft.staged | draft.dirty.keys() if n * CHUNK >= size)
     if size % CHUNK:
         number = size // CHUNK
         staging.puts[number] = draft_chunk(txn, store, draft, draft.blob, number)[:size % CHUNK]
     return staging
 
 
-def stage(txn: Txn, store: AgentStore, staging: Staging) -> None:
-    """Put a staging's chunks in the store (under the draft's gen, not yet visible)."""
-    draft, chunks = staging.draft, store.db["chunks"]
-    if not draft.registered:
-        txn.put(_u64(draft.gen), draft.index.to_bytes(4, "big") + _u64(draft.blob),
-                db=store.db["drafts"])
+def absorb(staging: Staging) -> None:
+    """Take a write's or a truncation's chunks into the draft (in memory)."""
+    draft = staging.draft
     for number in staging.drops:
-        txn.delete(chunk_key(draft.blob, number, draft.gen), db=chunks)
+        draft.dirty.pop(number, None)
+        if number in draft.staged:
+            draft.staged.discard(number)
+            draft.doomed.add(number)
     for number, piece in staging.puts.items():
+        draft.dirty[number] = bytes(piece)
+    draft.size, draft.cut = staging.size, staging.cut
+
+
+def should_spill(draft: Draft) -> bool:
+    return sum(len(piece) for piece in draft.dirty.values()) >= SPILL
+
+
+def spill(txn: Txn, store: AgentStore, draft: Draft) -> None:
+    """Put the chunks the draft holds in memory in the store, under its gen (not yet
+    visible); the caller calls `spilled` once the commit is durable."""
+    chunks = store.db["chunks"]
+    txn.put(_u64(draft.gen), draft.index.to_bytes(4, "big") + _u64(draft.blob),
+            db=store.db["drafts"])
+    for number in draft.doomed:
+        txn.delete(chunk_key(draft.blob, number, draft.gen), db=chunks)
+    for number, piece in draft.dirty.items():
         txn.put(chunk_key(draft.blob, number, draft.gen), piece, db=chunks)
 
 
-def staged(staging: Staging) -> None:
-    """Record in the draft what `stage` put, once its commit is durable."""
-    draft = staging.draft
+def spilled(draft: Draft) -> None:
     draft.registered = True
-    draft.staged.difference_update(staging.drops)
-    draft.staged.update(staging.puts)
-    draft.size, draft.cut = staging.size, staging.cut
+    draft.staged.update(draft.dirty)
+    draft.dirty.clear()
+    draft.doomed.clear()
 
 
 # -- publishing and deleting ----------------------------------------------------
@@ -229,10 +250,15 @@ def publish(txn: Txn, store: AgentStore, draft: Draft) -> None:
     if draft.base is not None and not draft.base.published:
         publish(txn, store, draft.base)
     chunks, drafts = store.db["chunks"], store.db["drafts"]
-    doomed: list[bytes] = []
-    for number in draft.staged:
+    for number in draft.doomed:
+        txn.delete(chunk_key(draft.blob, number, draft.gen), db=chunks)
+    for number, piece in draft.dirty.items():
+        txn.put(chunk_key(draft.blob, number, draft.gen), piece, db=chunks)
+    mine = draft.staged | draft.dirty.keys()
+    replaced: list[bytes] = []
+    for number in mine:
         prefix = _u64(draft.blob) + _u64(number)
-        doomed += (key for key in _keys(txn, chunks, prefix)
+        replaced += (key for key in _keys(txn, chunks, prefix)
                    if key[16:] != _u64(draft.gen) and txn.get(key[16:], db=drafts) is None)
     if draft.cut != _NO_CUT:
         first = _u64(draft.blob) + _u64(chunks_of(draft.cut))
@@ -243,15 +269,17 @@ def publish(txn: Txn, store: AgentStore, draft: Draft) -> None:
                 if key[:8] != first[:8]:
                     break
                 number = int.from_bytes(key[8:16], "big")
-                if number not in draft.staged and txn.get(key[16:], db=drafts) is None:
-                    doomed.append(key)
-    for key in doomed:
+                if number not in mine and txn.get(key[16:], db=drafts) is None:
+                    replaced.append(key)
+    for key in replaced:
         txn.delete(key, db=chunks)
     txn.delete(_u64(draft.gen), db=drafts)
 
 
 def published(draft: Draft) -> None:
+    """Record that `publish` committed: the draft's chunks are the value's now."""
     for version in draft.chain():
+        spilled(version)
         version.published = True
 
 
@@ -260,7 +288,7 @@ def discard(txn: Txn, store: AgentStore, draft: Draft) -> None:
     for version in draft.chain():
         if version.published or not version.registered:
             continue
-        for number in version.staged:
+        for number in version.staged | version.doomed:
             txn.delete(chunk_key(version.blob, number, version.gen), db=store.db["chunks"])
         txn.delete(_u64(version.gen), db=store.db["drafts"])
 

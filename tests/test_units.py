@@ -120,18 +120,23 @@ def test_inbox_lines() -> None:
             parse_lines(bad)
 
 
-def _write(store: AgentStore, draft: values.Draft, offset: int, data: bytes) -> None:
+def _spill(store: AgentStore, draft: values.Draft) -> None:
     with store.env.begin(write=True) as txn:
-        staging = values.plan_write(txn, store, draft, offset, data)
-        values.stage(txn, store, staging)
-    values.staged(staging)
+        values.spill(txn, store, draft)
+    values.spilled(draft)
+
+
+def _write(store: AgentStore, draft: values.Draft, offset: int, data: bytes) -> None:
+    """A write, its chunks put in the store at once when they are past SPILL bytes."""
+    with store.read() as txn:
+        values.absorb(values.plan_write(txn, store, draft, offset, data))
+    if values.should_spill(draft):
+        _spill(store, draft)
 
 
 def _truncate(store: AgentStore, draft: values.Draft, size: int) -> None:
-    with store.env.begin(write=True) as txn:
-        staging = values.plan_truncate(txn, store, draft, size)
-        values.stage(txn, store, staging)
-    values.staged(staging)
+    with store.read() as txn:
+        values.absorb(values.plan_truncate(txn, store, draft, size))
 
 
 def _publish(store: AgentStore, path: str, draft: values.Draft) -> None:
@@ -190,6 +195,8 @@ def test_a_draft_is_invisible_until_published(store: AgentStore) -> None:
     assert _value(store, "v") == b"a" * (3 * chunk + 5)
     second = values.Draft(101, 7, 0, 3 * chunk + 5)
     _write(store, second, chunk - 2, b"XYZW")  # across two chunks, each patched
+    _spill(store, second)  # in the store, under the draft's gen: still invisible
+    assert _value(store, "v") == b"a" * (3 * chunk + 5)
     _truncate(store, second, 2 * chunk + 1)
     _write(store, second, 2 * chunk + 10, b"!")  # past the end: a hole of zeros
     want = b"a" * (chunk - 2) + b"XYZW" + b"a" * (chunk - 2) + b"a" + b"\0" * 9 + b"!"
