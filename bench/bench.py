@@ -1374,7 +1374,7 @@ def main() -> int:
             notes += profiler.stop()
             grew = fs.daemon_log(lines=200).count("map grew")
             notes.append(f"large: the store's map grew {grew} times during the write "
-                         f"(from {8} MiB, doubling)")
+                         "(from 8 MiB, doubling)")
             fs.close()
             size_label = f"{mib // 1024} GiB" if mib >= 1024 else f"{mib} MiB"
             for op, least in (("write", 50), ("read", 200)):
