@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Mount, MountFactory, sh, wait_until
+from conftest import READ_TRIGGER, Mount, MountFactory, script, sh, wait_until, write_once
 
 from agentfs.store import AgentStore
 
@@ -152,3 +152,32 @@ def test_a_tick_writes_a_large_value(mount: Mount, tmp_path: Path) -> None:
     big = (state / "big").read_bytes()
     assert len(big) == 5000000 + 4 and big.endswith(b"more")
     assert hashlib.sha256(big[:-4]).hexdigest() == (state / "sum").read_text().split()[0]
+
+
+def test_a_failed_tick_keeps_its_checkpoint_of_a_large_value(mount: Mount,
+                                                             tmp_path: Path) -> None:
+    """A tick writes 3 MB, checkpoints, overwrites and grows the value, and fails: the value
+    is what the checkpoint committed, and nothing the failed part wrote is left stored."""
+    program = script(tmp_path, "steps.sh", READ_TRIGGER + """
+d="$AGENT_DIR/state"
+[ -e "$1/ran" ] && exit 0
+touch "$1/ran"
+head -c 3000000 /dev/urandom > "$d/big"
+sha256sum < "$d/big" > "$d/sum"
+echo checkpoint > "$AGENT_DIR/ctl"
+printf overwritten | dd of="$d/big" conv=notrunc status=none
+head -c 2000000 /dev/zero >> "$d/big"
+exit 1
+""")
+    mount.new_agent("steps", program, str(tmp_path))
+    mount.created("steps")
+    write_once(mount.agent("steps") / "inbox", "go\n")
+    mount.wait_ticks("steps", 2, timeout=60)  # failed once, then its retry did nothing
+    state = mount.agent("steps") / "state"
+    big = (state / "big").read_bytes()
+    assert len(big) == 3000000
+    assert hashlib.sha256(big).hexdigest() == (state / "sum").read_text().split()[0]
+    mount.stop()
+    chunks, drafts = stored_chunks(mount.store.path)
+    assert (chunks, drafts) == (-(-3000000 // (256 * 1024)) + 1, 0)
+    mount.start()
