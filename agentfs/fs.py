@@ -647,15 +647,16 @@ class AgentFs(pyfuse3.Operations):
             self.runtime.outbox_write(lines, handle.tick)
 
     async def flush(self, fh: int) -> None:
-        await self._commit_pending(fh, closing=False)
+        await self._commit_pending(fh, last=False)
 
-    async def _commit_pending(self, fh: int, closing: bool) -> None:
-        """What a close (flush), the last close (`closing`) or fsync commits."""
+    async def _commit_pending(self, fh: int, last: bool) -> None:
+        """What a close(2), the last close (`last`: release) or fsync(2) commits: a state/
+        file's new value, a partial line."""
         handle = self._handles.get(fh)
         if isinstance(handle, Handle) and handle.node.kind is Kind.STATE and handle.tick is None:
             async with self._refusals(handle.node, f"close state/{handle.node.path}"):
                 if handle.writing is not None:
-                    await self.runtime.state_publish(handle.writing, closing)
+                    await self.runtime.state_publish(handle.writing, last)
                 await self.runtime.settle(handle.node.index)
         if isinstance(handle, Handle) and handle.partial:
             rest = self._unkept(handle)
@@ -687,7 +688,7 @@ class AgentFs(pyfuse3.Operations):
         try:  # release cannot report an error: what it refuses is logged
             with trio.CancelScope(shield=True), contextlib.suppress(pyfuse3.FUSEError):
                 if handle.partial or handle.writing is not None:
-                    await self._commit_pending(fh, closing=True)
+                    await self._commit_pending(fh, last=True)
                 if handle.flags & TRUNCATED and not handle.flags & REFUSED:
                     # `: > rules` wrote nothing: the text is now empty.  Not at flush, which
                     # a shell's `>` calls (closing the fd it dup2'd) before anything is written.
@@ -701,7 +702,7 @@ class AgentFs(pyfuse3.Operations):
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         # Other writes are durable when acknowledged; a state/ file's are committed now.
-        await self._commit_pending(fh, closing=True)
+        await self._commit_pending(fh, last=True)
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return True

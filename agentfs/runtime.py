@@ -60,11 +60,9 @@ class Runtime:
         self.egress = Egress(self, proxy_ca)
         self.refusals = RefusalLog(self._log_refusal)
         self._locks: dict[int, trio.Lock] = {}
-        # Files made by create, not yet committed: see `state_empty`.
+        # Files made by create, or emptied by O_TRUNC, not yet committed: `state_empty`,
+        # `state_publish`.
         self._unwritten: dict[int, dict[str, state.Entry]] = {}
-        # Files opened with O_TRUNC from outside, closed once with nothing written: empty to
-        # readers, and committed empty at their last close (`state_publish`).
-        self._emptied: dict[int, dict[str, tuple[OpenWrite, state.Entry]]] = {}
         # Called with an agent's old name after it changed: the file server drops the link.
         self.name_dropped: Callable[[str], Awaitable[None]] = _nothing
 
@@ -178,7 +176,8 @@ class Runtime:
     def budget_text(self, index: int) -> bytes:
         with self.store.read() as txn:
             record = self.store.require_agent(txn, index)
-            return budget.render(record, self.storage_bytes(txn, index)).encode()
+            stored = self.storage_bytes(txn, index) + self.pending_delta(txn, index)
+            return budget.render(record, stored).encode()
 
     def inbox_text(self, index: int, tick: RunningTick | None = None) -> bytes:
         with self.store.read() as txn:
@@ -591,8 +590,10 @@ class Runtime:
                 empty(_UnwrittenView(self, txn, index))
 
     async def settle(self, index: int, *, locked: bool = False) -> None:
-        """Commit the agent's unwritten files (at close, fsync, and before a tick)."""
-        if not self._unwritten.get(index):
+        """Commit the agent's unwritten files (at close, fsync, and before a tick); at a
+        close, only if one was created (an emptied one waits for its last close)."""
+        pending = self._unwritten.get(index, {})
+        if not pending or not locked and all(e.draft is not None for e in pending.values()):
             return
         if locked:
             await self.commit_state(index, lambda view: None)
@@ -715,7 +716,7 @@ class Runtime:
                         writing.base = (entry.mtime_ns, entry.size)
                 staging = plan(txn, draft)
                 grew = staging.size - entry.size
-                stored = self.storage_bytes(txn, index)
+                stored = self.storage_bytes(txn, index) + self.pending_delta(txn, index)
             try:
                 if staging.size > draft.size and grew > 0:
                     self.check_storage(record, stored, grew)
@@ -723,8 +724,8 @@ class Runtime:
                 await self._stage(staging)
             except errors.FsError as e:
                 writing.refused = e  # the value stays as it was: nothing of this open counts
-                await self._drop_draft(writing)
                 self._unempty(writing)
+                await self._drop_draft(writing)
                 raise
 
     async def _stage(self, staging: values.Staging) -> None:
@@ -743,11 +744,14 @@ class Runtime:
             raise
         values.spilled(draft)
 
-    async def state_publish(self, writing: OpenWrite, closing: bool) -> None:
+    async def state_publish(self, writing: OpenWrite, last: bool) -> None:
         """Commit what a file descriptor wrote from outside, as a whole (close, fsync).
 
-        A flush with only an O_TRUNC pending (a shell's `>` closes the descriptor it
-        duplicated before anything is written) waits for the last close (`closing`)."""
+        Opened with O_TRUNC, with nothing written yet: a close empties the file for readers
+        at once, but commits that only at the last close (`last`: release, fsync) or with
+        the next commit of the agent's state.  dd, and a shell's `>`, close a duplicate of
+        the descriptor before they write: the old value must outlive a crash until the new
+        one is committed."""
         if writing.refused is not None:
             refused, writing.refused = writing.refused, None
             self._unempty(writing)
@@ -755,13 +759,8 @@ class Runtime:
                                  f"({refused.message}); the value is as it was")
         if writing.draft is None and not writing.emptied:
             return
-        if writing.draft is None and not closing:
-            # A shell's `>` closes the descriptor it duplicated before anything is written:
-            # the file looks empty from now, but the old value stays until the last close.
-            with self.store.read() as txn:
-                entry = state.file(_UnwrittenView(self, txn, writing.index), writing.path)
-            self._emptied.setdefault(writing.index, {})[writing.path] = (
-                writing, state.Entry(False, state.now_ns(), 0, entry.blob))
+        if writing.draft is None:
+            await self._empty_later(writing, last)
             return
         async with writing.lock:
             index, path, draft = writing.index, writing.path, writing.draft
@@ -791,17 +790,42 @@ class Runtime:
                 await self._drop_draft(writing)
                 raise
             finally:
-                writing.draft, writing.base = None, None
-                self._unempty(writing)
+                writing.draft, writing.base, writing.emptied = None, None, False
+
+    async def _empty_later(self, writing: OpenWrite, last: bool) -> None:
+        """The file of an O_TRUNC open, empty: unwritten, or now committed (`last`)."""
+        index, path = writing.index, writing.path
+        async with self.agent_lock(index):
+            pending = self._unwritten.setdefault(index, {})
+            if path not in pending:
+                with self.store.read() as txn:
+                    self._writable(txn, index)
+                    entry = state.file(_UnwrittenView(self, txn, index), path)
+                pending[path] = writing.shown = state.Entry(
+                    False, state.now_ns(), 0, entry.blob,
+                    values.Draft(self.ids.new(), entry.blob, index, 0, cut=0))
+            if last:
+                writing.emptied = False
+                await self.commit_state(index, lambda view: None)
 
     def _unempty(self, writing: OpenWrite) -> None:
-        """O_TRUNC no longer pending: the file shows its committed value again."""
+        """A refused open: its O_TRUNC, if shown and not yet committed, is undone."""
         writing.emptied = False
-        shown = self._emptied.get(writing.index, {})
-        if shown.get(writing.path, (None,))[0] is writing:
-            del shown[writing.path]
-        if not shown:
-            self._emptied.pop(writing.index, None)
+        pending = self._unwritten.get(writing.index, {})
+        if writing.shown is not None and pending.get(writing.path) is writing.shown:
+            del pending[writing.path]
+            if not pending:
+                self._unwritten.pop(writing.index, None)
+        writing.shown = None
+
+    def pending_delta(self, txn: Txn, index: int) -> int:
+        """What the agent's unwritten files change in its storage (an emptied one frees)."""
+        committed = state.TxnState(self.store, txn, index)
+        delta = 0
+        for path, entry in self._unwritten.get(index, {}).items():
+            old = committed.get(path)
+            delta += entry.size - (0 if old is None or old.is_dir else old.size)
+        return delta
 
     async def _drop_draft(self, writing: OpenWrite) -> None:
         draft, writing.draft = writing.draft, None
@@ -846,18 +870,11 @@ class _UnwrittenView:
     def __init__(self, runtime: Runtime, txn: Txn, index: int) -> None:
         self.committed = state.TxnState(runtime.store, txn, index)
         self.unwritten = runtime._unwritten.get(index, {})
-        self.emptied = runtime._emptied.get(index, {})
         self.runtime, self.index = runtime, index
 
     def get(self, path: str) -> state.Entry | None:
         entry = self.unwritten.get(path)
-        if entry is not None:
-            return entry
-        entry = self.committed.get(path)
-        shown = self.emptied.get(path)
-        if entry is not None and shown is not None and shown[1].blob == entry.blob:
-            return shown[1]
-        return entry
+        return entry if entry is not None else self.committed.get(path)
 
     def children(self, path: str) -> Iterator[tuple[str, state.Entry]]:
         merged = dict(self.committed.children(path))
@@ -869,7 +886,11 @@ class _UnwrittenView:
 
     def set(self, path: str, entry: state.Entry | None) -> None:
         assert entry is not None and not entry.is_dir and not entry.size
-        self.runtime._unwritten.setdefault(self.index, {})[path] = entry
+        pending = self.runtime._unwritten.setdefault(self.index, {})
+        old = pending.get(path)
+        if old is not None and old.draft is not None:  # emptied, then created: still empty
+            entry = entry._replace(draft=old.draft)
+        pending[path] = entry
 
 
 @dataclass(eq=False)
@@ -882,6 +903,7 @@ class OpenWrite:
     emptied: bool = False  # opened with O_TRUNC: the value is to be empty but for writes
     draft: values.Draft | None = None
     base: tuple[int, int] | None = None  # (mtime, size) of the value the draft patches
+    shown: state.Entry | None = None  # its O_TRUNC, shown empty, not yet committed
     refused: errors.FsError | None = None  # a write failed: the value stays as it was
     lock: trio.Lock = dataclass_field(default_factory=trio.Lock)
 
