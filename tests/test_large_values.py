@@ -181,3 +181,29 @@ exit 1
     chunks, drafts = stored_chunks(mount.store.path)
     assert (chunks, drafts) == (-(-3000000 // (256 * 1024)) + 1, 0)
     mount.start()
+
+
+def test_a_version_2_store_has_its_values_moved_to_chunks(mount: Mount) -> None:
+    """Version 2 kept a value in its entry (`f + mtime + bytes`): mounted, the store is
+    migrated, and the values read the same (one over a chunk), with the directories."""
+    mount.new_agent("old")
+    mount.stop()
+    big = os.urandom(300 * 1024)
+    s = AgentStore.open(mount.store.path)
+    try:
+        with s.env.begin(write=True) as txn:
+            mtime = (1 << 60).to_bytes(8, "big")
+            for path, raw in ((b"\0small", b"f" + mtime + b"hello\n"), (b"\0dir", b"d" + mtime),
+                              (b"dir\0big", b"f" + mtime + big), (b"\0empty", b"f" + mtime)):
+                txn.put(b"\0\0\0\0" + path, raw, db=s.db["state"])
+            txn.put(b"version", b"2", db=s.db["meta"])
+    finally:
+        s.close()
+    mount.start()
+    state = mount.agent("old") / "state"
+    assert sorted(os.listdir(state)) == ["dir", "empty", "small"]
+    assert (state / "small").read_bytes() == b"hello\n"
+    assert (state / "dir" / "big").read_bytes() == big
+    assert (state / "empty").read_bytes() == b""
+    sh(f"printf more >> {state}/dir/big")
+    assert (state / "dir" / "big").read_bytes() == big + b"more"
