@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
-from . import ctl, errors, keyring
+from . import ctl, errors, keyring, values
 from .alarms import Alarm, Alarms
 from .audit import AuditLog
 from .identity import npub_decode, npub_encode, public_key
@@ -122,8 +122,9 @@ def snapshot(store: AgentStore, txn: Txn, record: AgentRecord,
     if key is not None:
         members.append(Member(KEY_MEMBER, key.encode() + b"\n", now))
     for path, entry in TxnState(store, txn, index).descendants(""):
-        members.append(Member(f"{STATE}/{path}", None if entry.is_dir else entry.data,
-                              entry.mtime_ns))
+        data = None if entry.is_dir else \
+            values.read(txn, store, entry.blob, entry.size, None, 0, entry.size)
+        members.append(Member(f"{STATE}/{path}", data, entry.mtime_ns))
     manifest = {"format": FORMAT, "version": VERSION, "npub": record.npub,
                 "pubkey": record.pubkey, "index": index, "name": record.name,
                 "exported": rfc3339_now(), "members": [m.describe() for m in members]}
@@ -163,7 +164,7 @@ class Archive:
 
     manifest: dict[str, Any]
     files: dict[str, bytes]
-    state: list[tuple[str, Entry]] = field(default_factory=list)
+    state: list[tuple[str, Member]] = field(default_factory=list)
 
     @property
     def npub(self) -> str:
@@ -274,9 +275,9 @@ def _manifest(raw: bytes) -> dict[str, Any]:
     return manifest
 
 
-def _state(members: list[Member]) -> list[tuple[str, Entry]]:
-    """The state/ members as (path, entry), parents before children, each path checked."""
-    entries: list[tuple[str, Entry]] = []
+def _state(members: list[Member]) -> list[tuple[str, Member]]:
+    """The state/ members by path, parents before children, each path checked."""
+    entries: list[tuple[str, Member]] = []
     dirs = {""}
     for member in members:
         if member.name == STATE and member.data is None:
@@ -292,7 +293,7 @@ def _state(members: list[Member]) -> list[tuple[str, Entry]]:
             raise ArchiveError(f"damaged archive: {member.name} comes before its directory")
         if member.data is None:
             dirs.add(path)
-        entries.append((path, Entry(member.data is None, member.mtime_ns, member.data or b"")))
+        entries.append((path, member))
     return entries
 
 
@@ -360,7 +361,12 @@ def install(store: AgentStore, txn: Txn, archive: Archive, name: str | None,
     if record.alarm is not None:
         Alarms(store).restore(txn, record)
     _restore_rows(store, txn, archive, index)
-    for path, entry in archive.state:
+    for path, member in archive.state:
+        entry = Entry(True, member.mtime_ns)
+        if member.data is not None:  # a file: its bytes in chunks of a value of its own
+            entry = Entry(False, member.mtime_ns, len(member.data),
+                          values.take_ids(txn, store, 1))
+            values.put_whole(txn, store, entry.blob, member.data)
         txn.put(state_key(index, path), entry.encode(), db=store.db["state"])
     _journal(store, txn, "log", index, b"".join(_lines(archive, "log")))
     # The import's own record goes on the log's chain, and the head is signed here: the

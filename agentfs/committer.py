@@ -4,7 +4,9 @@ Each caller hands over a function of a write transaction and waits.  One task dr
 the queue and runs every waiting function in a child transaction of a single parent,
 in a worker thread, so one fsync acknowledges them all and the event loop keeps
 serving reads meanwhile.  A function that raises rolls back only its own child.  `seal`
-runs last in the parent, once per commit: it signs the heads of the logs that grew.
+runs last in the parent, once per commit: it signs the heads of the logs that grew.  A
+function that finds the map full is run again once the map has grown (between batches, on
+the event loop's thread, where no read transaction is open); when it cannot grow, ENOSPC.
 """
 
 from __future__ import annotations
@@ -99,19 +101,42 @@ class CommitQueue:
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
                 # Shielded: once a batch is handed to the thread its waiters must hear back.
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._apply_batch, batch)
+                    full = await trio.to_thread.run_sync(self._apply_batch, batch)
+                if full:
+                    self._retry_or_refuse(full)
+                again = {id(p) for p in full if p.error is None}
                 for pending in batch:
-                    pending.done.set()
+                    if id(pending) not in again:
+                        pending.done.set()
                 self.committed()
 
-    def _apply_batch(self, batch: list[_Pending[Any]]) -> None:
+    def _retry_or_refuse(self, full: list[_Pending[Any]]) -> None:
+        """Grow the map and queue `full` again first; or, at its largest, ENOSPC."""
+        before = self.store.map_size()
+        grown = self.store.grow()
+        if grown is not None:
+            log.info("the store's map grew from %d to %d bytes", before, grown)
+            self._queue[:0] = full
+            return
+        log.error("the store's map is full at %d bytes (its largest; see -o map_size): "
+                  "%d transaction(s) refused with ENOSPC", before, len(full))
+        for pending in full:
+            pending.error = errors.no_space(
+                f"the store's map is full ({before} bytes, its largest)")
+
+    def _apply_batch(self, batch: list[_Pending[Any]]) -> list[_Pending[Any]]:
+        """Commit the batch; returns what found the map full (to run again, or refuse)."""
         env = self.store.env
+        full: list[_Pending[Any]] = []
         try:
             with env.begin(write=True) as txn:
                 for pending in batch:
                     child = env.begin(write=True, parent=txn)
                     try:
                         pending.result = pending.apply(child)
+                    except lmdb.MapFullError:
+                        child.abort()  # the parent is intact: the others go on
+                        full.append(pending)
                     except errors.FsError as e:
                         child.abort()
                         pending.error = e
@@ -123,28 +148,28 @@ class CommitQueue:
                         child.commit()
                 if self.seal is not None:
                     self._seal(txn)
-        except lmdb.MapFullError:
-            failure: BaseException = errors.no_space("the store's map is full")
+        except lmdb.MapFullError:  # the commit itself (or the seal) needed pages: all again
             for pending in batch:
-                pending.error = pending.error or failure
-            return
+                pending.result, pending.error = None, None
+            return list(batch)
         except lmdb.Error as e:  # the whole commit failed (disk full, I/O error): tell everyone
             log.error("commit failed: %s", e)
             failure = errors.FsError(errno.EIO, f"the store could not commit: {e}")
             for pending in batch:
                 pending.error = pending.error or failure
-            return
+            return []
         self._unflushed = True
         self._stats.commits += 1
-        self._stats.transactions += len(batch)
+        self._stats.transactions += len(batch) - len(full)
         self._stats.largest_batch = max(self._stats.largest_batch, len(batch))
+        return full
 
     def _seal(self, txn: Txn) -> None:
         assert self.seal is not None
         try:
             self.seal(txn)
         except lmdb.Error:
-            raise  # the commit would fail too: as any other transaction's error
+            raise  # the commit would fail too (or, map full, runs again): as any other
         except Exception:  # noqa: BLE001 - what the batch did is acknowledged all the same
             log.exception("signing the logs' heads failed: `agentfs verify` will say so")
 

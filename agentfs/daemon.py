@@ -14,11 +14,11 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import sandbox, status
+from . import errors, sandbox, status, units
 from .fs import AgentFs
 from .notify import ServiceNotifier
 from .runtime import Runtime
-from .store import AgentStore
+from .store import DEFAULT_MAP_SIZE, MIN_MAP_SIZE, AgentStore
 
 log = logging.getLogger("agentfs")
 PR_SET_CHILD_SUBREAPER = 36
@@ -34,7 +34,8 @@ class MountError(Exception):
     pass
 
 
-OUR_OPTIONS = {"jobs", "sandbox", "uid_base", "tools", "shared", "proxy_ca", "durability"}
+OUR_OPTIONS = {"jobs", "sandbox", "uid_base", "tools", "shared", "proxy_ca", "durability",
+               "map_size"}
 DURABILITY = ("disk", "daemon")  # what an acknowledged write survives: agentfs(1)
 
 
@@ -65,6 +66,13 @@ def fuse_options(store: Path, given: list[str]) -> tuple[set[str], dict[str, str
                                    1000 <= int(ours["uid_base"]) < 2**32 - sandbox.UID_SPAN):
         raise MountError(f"uid_base={ours['uid_base']}: a uid from 1000 to "
                          f"{2**32 - sandbox.UID_SPAN - 1}")
+    if "map_size" in ours:
+        try:
+            size = units.parse_size(ours["map_size"])
+        except errors.FsError as e:
+            raise MountError(f"map_size={ours['map_size']}: {e}") from None
+        if size < MIN_MAP_SIZE:
+            raise MountError(f"map_size={ours['map_size']}: at least {MIN_MAP_SIZE} bytes")
     for key in ("tools", "shared"):
         for path in _paths(ours, key):
             if not os.path.isabs(path) or not os.path.exists(path):
@@ -97,7 +105,9 @@ def serve(store_path: Path, mountpoint: Path, options: list[str], jobs: int,
         fuse_opts, ours = fuse_options(store_path, options)
         if "jobs" in ours:
             jobs = int(ours["jobs"])
-        store = AgentStore.open(store_path, sync=ours.get("durability", "disk") == "disk")
+        map_size = units.parse_size(ours["map_size"]) if "map_size" in ours else DEFAULT_MAP_SIZE
+        store = AgentStore.open(store_path, map_size,
+                                sync=ours.get("durability", "disk") == "disk")
         store.lock()
     except Exception as e:  # noqa: BLE001 - every failure to start is reported the same way
         _report(ready_fd, f"agentfs: {e}", notifier)

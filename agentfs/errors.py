@@ -17,6 +17,10 @@ class FsError(Exception):
         return self.message
 
 
+class Repeated(FsError):
+    """A refusal said again (at close, of a write refused before): not logged twice."""
+
+
 def no_such_file(what: str) -> FsError:
     return FsError(errno.ENOENT, f"{what}: no such file or directory")
 
@@ -64,3 +68,7 @@ def no_space(why: str) -> FsError:
 
 def name_too_long(what: str) -> FsError:
     return FsError(errno.ENAMETOOLONG, f"{what}: name too long")
+
+
+def busy(why: str) -> FsError:
+    return FsError(errno.EBUSY, why)

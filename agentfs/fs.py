@@ -25,7 +25,7 @@ import trio
 from . import errors, state
 from .inbox import MAX_LINE
 from .refusals import clip
-from .runtime import Runtime
+from .runtime import OpenWrite, Runtime
 from .ticks import RunningTick
 from .tree import (
     AGENT_FILE_BY_NAME,
@@ -67,6 +67,7 @@ class Handle:
     content: bytes | None = None  # a generated file's text, made when read from offset 0
     partial: bytearray = field(default_factory=bytearray)  # an inbox/outbox line not yet ended
     replies: bytearray = field(default_factory=bytearray)  # root ctl: the npubs created here
+    writing: OpenWrite | None = None  # a state/ file opened from outside for writing
 
 
 @dataclass
@@ -126,6 +127,7 @@ class AgentFs(pyfuse3.Operations):
         try:
             yield
         except errors.FsError as e:
+            log = log and not isinstance(e, errors.Repeated)
             if log and node.index >= 0:
                 await self.runtime.refused(node.index, what, e)
             elif log:
@@ -200,7 +202,7 @@ class AgentFs(pyfuse3.Operations):
             else:
                 attrs.st_mode = stat.S_IFREG | 0o600
                 attrs.st_nlink = 1
-                attrs.st_size = len(entry.data)
+                attrs.st_size = entry.size
             mtime = entry.mtime_ns or mtime
         else:
             served = SERVED_BY_KIND[kind]
@@ -398,6 +400,11 @@ class AgentFs(pyfuse3.Operations):
         async with self._refusals(old, what):
             await self.runtime.state_op(old.index, tick, move)
         self.inodes.rename(old, new)
+        for handle in self._handles.values():  # what is written through them follows
+            writing = handle.writing if isinstance(handle, Handle) else None
+            if writing is not None and writing.index == old.index and tick is None and (
+                    writing.path == old.path or writing.path.startswith(old.path + "/")):
+                writing.path = new.path + writing.path[len(old.path):]
 
     def _state_child(self, parent_inode: int, name: bytes) -> Node:
         parent = self._node(parent_inode)
@@ -426,12 +433,16 @@ class AgentFs(pyfuse3.Operations):
                                "budget: an agent cannot change its own limits")
         if node.kind is Kind.STATE and self.runtime.state_read(node.index, tick, node.path) is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        if node.kind is Kind.STATE and writing and flags & os.O_TRUNC:  # atomic_o_trunc is on
+        handle = Handle(node, tick, flags)
+        if node.kind is Kind.STATE and writing and tick is not None and flags & os.O_TRUNC:
             async with self._refusals(node, f"truncate state/{node.path}"):
-                await self.runtime.state_empty(node.index, tick, node.path, create=False)
+                await self.runtime.state_truncate(node.index, tick, node.path, 0)
+        elif node.kind is Kind.STATE and writing and tick is None:
+            # Emptied by O_TRUNC (atomic_o_trunc is on) when the new value is committed.
+            handle.writing = OpenWrite(node.index, node.path, emptied=bool(flags & os.O_TRUNC))
         if node.kind in REPLACED and writing and flags & os.O_TRUNC:
-            flags |= TRUNCATED
-        fh = self._new_fh(Handle(node, tick, flags))
+            handle.flags |= TRUNCATED
+        fh = self._new_fh(handle)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     async def _refuse(self, node: Node, what: str, why: str) -> None:
@@ -444,8 +455,9 @@ class AgentFs(pyfuse3.Operations):
         node = self._state_child(parent_inode, name)
         tick = await self._check(node, ctx, write=True, what=f"create state/{node.path}")
         async with self._refusals(node, f"create state/{node.path}"):
-            await self.runtime.state_empty(node.index, tick, node.path, create=True)
-        fh = self._new_fh(Handle(node, tick, flags))
+            await self.runtime.state_empty(node.index, tick, node.path)
+        writing = OpenWrite(node.index, node.path) if tick is None else None
+        fh = self._new_fh(Handle(node, tick, flags, writing=writing))
         attrs = self._attrs(node, self.inodes.inode(node), tick)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), attrs
 
@@ -457,10 +469,15 @@ class AgentFs(pyfuse3.Operations):
         tick = await self._check(node, ctx, write=bool(changing) and not node.tick,
                                  what=f"setattr {node.kind.value}")
         if node.kind is Kind.STATE and not node.is_dir:
-            size = attr.st_size if fields.update_size else None
             async with self._refusals(node, f"truncate state/{node.path}"):
-                await self.runtime.state_op(node.index, tick,
-                                            lambda v: _touch(v, node.path, size))
+                if fields.update_size:
+                    # ftruncate(2) from outside goes in the file descriptor's draft.
+                    handle = self._handles.get(fh) if fh is not None else None
+                    writing = handle.writing if isinstance(handle, Handle) else None
+                    await self.runtime.state_truncate(node.index, tick, node.path,
+                                                      attr.st_size, writing)
+                else:
+                    await self.runtime.state_op(node.index, tick, lambda v: _touch(v, node.path))
         elif fields.update_size and node.kind in JOURNALS:
             await self._refuse(node, f"truncate {node.kind.value}",
                                f"{node.kind.value}: append-only, cannot be truncated")
@@ -472,10 +489,11 @@ class AgentFs(pyfuse3.Operations):
         node, tick = handle.node, handle.tick
         kind = node.kind
         if kind is Kind.STATE:
-            entry = self.runtime.state_read(node.index, tick, node.path)
-            if entry is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return entry.data[off:off + size]
+            try:
+                return self.runtime.state_read_at(node.index, tick, node.path, off, size,
+                                                  handle.writing)
+            except errors.FsError as e:
+                raise pyfuse3.FUSEError(e.errno) from None
         if kind in JOURNALS:
             return self._read_journal(node, tick, off, size)
         if kind is Kind.PLUMB_SEND:
@@ -537,9 +555,8 @@ class AgentFs(pyfuse3.Operations):
         runtime = self.runtime
         async with self._refusals(node, f"write {kind.value}"):
             if kind is Kind.STATE:
-                append = bool(handle.flags & os.O_APPEND)
-                await runtime.state_op(node.index, tick,
-                                       lambda v: _write(v, node.path, off, buf, append))
+                await runtime.state_write(node.index, tick, node.path, off, buf,
+                                          bool(handle.flags & os.O_APPEND), handle.writing)
             elif kind is Kind.ROOT_CTL:
                 for npub in await runtime.create_agents(buf):
                     handle.replies += npub.encode() + b"\n"
@@ -638,9 +655,16 @@ class AgentFs(pyfuse3.Operations):
             self.runtime.outbox_write(lines, handle.tick)
 
     async def flush(self, fh: int) -> None:
+        await self._commit_pending(fh, last=False)
+
+    async def _commit_pending(self, fh: int, last: bool) -> None:
+        """What a close(2), the last close (`last`: release) or fsync(2) commits: a state/
+        file's new value, a partial line."""
         handle = self._handles.get(fh)
         if isinstance(handle, Handle) and handle.node.kind is Kind.STATE and handle.tick is None:
             async with self._refusals(handle.node, f"close state/{handle.node.path}"):
+                if handle.writing is not None:
+                    await self.runtime.state_publish(handle.writing, last)
                 await self.runtime.settle(handle.node.index)
         if isinstance(handle, Handle) and handle.partial:
             rest = self._unkept(handle)
@@ -671,8 +695,8 @@ class AgentFs(pyfuse3.Operations):
             return
         try:  # release cannot report an error: what it refuses is logged
             with trio.CancelScope(shield=True), contextlib.suppress(pyfuse3.FUSEError):
-                if handle.partial:
-                    await self.flush(fh)
+                if handle.partial or handle.writing is not None:
+                    await self._commit_pending(fh, last=True)
                 if handle.flags & TRUNCATED and not handle.flags & REFUSED:
                     # `: > rules` wrote nothing: the text is now empty.  Not at flush, which
                     # a shell's `>` calls (closing the fd it dup2'd) before anything is written.
@@ -685,7 +709,8 @@ class AgentFs(pyfuse3.Operations):
             self._handles.pop(fh, None)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.flush(fh)  # writes are durable when acknowledged; only close-pending remain
+        # Other writes are durable when acknowledged; a state/ file's are committed now.
+        await self._commit_pending(fh, last=True)
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return True
@@ -723,18 +748,6 @@ for _op in ("lookup", "getattr", "readlink", "statfs", "opendir", "readdir", "mk
     setattr(AgentFs, _op, _guarded(getattr(AgentFs, _op)))
 
 
-def _write(view: state.StateView, path: str, off: int, data: bytes, append: bool) -> None:
-    if append:
-        entry = view.get(path)
-        off = len(entry.data) if entry is not None else 0
-    state.write(view, path, off, data)
-
-
-def _touch(view: state.StateView, path: str, size: int | None) -> None:
-    if size is not None:
-        state.truncate(view, path, size)
-    else:
-        entry = state.lookup(view, path)
-        view.set(path, state.Entry(entry.is_dir, state.now_ns(), entry.data))
-
-
+def _touch(view: state.StateView, path: str) -> None:
+    entry = state.lookup(view, path)
+    view.set(path, entry._replace(mtime_ns=state.now_ns()))

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import values
 from .ctl import Command
 from .state import Entry, TxnState, split
 from .store import AgentStore
@@ -17,6 +18,7 @@ class TickOverlay:
 
     store: AgentStore
     index: int
+    ids: values.ValueIds
     changes: dict[str, Entry | None] = field(default_factory=dict)
     outbox: list[dict[str, Any]] = field(default_factory=list)
     inbox: list[dict[str, Any]] = field(default_factory=list)
@@ -31,14 +33,41 @@ class TickOverlay:
     outbox_bytes: int = 0
     inbox_bytes: int = 0
     partial_bytes: int = 0
+    # Every draft the tick wrote to: those no entry holds at the end are deleted.
+    drafts: list[values.Draft] = field(default_factory=list)
 
     def snapshot(self) -> TickOverlay:
         """What the tick has written so far, frozen: a checkpoint commits this while the
-        tick's other processes may go on writing to the overlay itself."""
-        return TickOverlay(self.store, self.index, dict(self.changes), list(self.outbox),
-                           list(self.inbox), list(self.ctl), dict(self.charges),
-                           list(self.spends), self.bytes_delta, self.outbox_bytes,
-                           self.inbox_bytes)
+        tick's other processes may go on writing to the overlay itself.
+
+        A file the tick wrote goes on in a new draft over the frozen one, so that what is
+        written from now on is not part of the checkpoint.  The caller holds the drafts'
+        locks (`draft_locks`): no write is half done."""
+        frozen = TickOverlay(self.store, self.index, self.ids, dict(self.changes),
+                             list(self.outbox), list(self.inbox), list(self.ctl),
+                             dict(self.charges), list(self.spends), self.bytes_delta,
+                             self.outbox_bytes, self.inbox_bytes)
+        for path, entry in self.changes.items():
+            if entry is not None and entry.draft is not None and not entry.draft.published:
+                self.changes[path] = entry._replace(draft=self.new_draft(entry, entry.draft))
+        return frozen
+
+    def new_draft(self, entry: Entry, base: values.Draft | None = None) -> values.Draft:
+        draft = values.Draft(self.ids.new(), entry.blob, self.index, entry.size, base)
+        self.drafts.append(draft)
+        return draft
+
+    def draft_locks(self) -> list[values.Draft]:
+        return [e.draft for e in self.changes.values() if e is not None and e.draft is not None]
+
+    async def wait_writes(self) -> None:
+        """Until no write to a draft is under way (the tick has ended: none starts)."""
+        for draft in self.drafts:
+            async with draft.lock:
+                pass
+
+    def unpublished(self) -> list[values.Draft]:
+        return [d for d in self.drafts if not d.published]
 
     def forget(self, done: TickOverlay) -> None:
         """Drop what `done`, a snapshot of this overlay, committed; keep what came since."""
@@ -87,6 +116,6 @@ class TickOverlay:
 
     def set(self, path: str, entry: Entry | None) -> None:
         old = self.get(path)
-        self.bytes_delta += (0 if entry is None else len(entry.data)) - \
-            (0 if old is None else len(old.data))
+        self.bytes_delta += (0 if entry is None else entry.size) - \
+            (0 if old is None else old.size)
         self.changes[path] = entry

@@ -11,11 +11,13 @@ import errno
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import TypeVar
 
 import trio
 
-from . import budget, caps, errors, lifecycle, state, status
+from . import budget, caps, errors, lifecycle, state, status, values
 from .alarms import Alarm, Alarms
 from .audit import AuditLog, HeadPublisher
 from .committer import CommitQueue
@@ -45,6 +47,8 @@ class Runtime:
                  sandbox: Sandbox | None = None, proxy_ca: str | None = None) -> None:
         self.store = store
         self.started = (rfc3339_now(), time.monotonic())  # for the root `status`
+        values.sweep(store)  # the drafts a crash left: their writers are gone
+        self.ids = values.ValueIds(store)
         # None: ticks run unconfined (-o sandbox=off), which ctl and the log say.
         self.sandbox = sandbox
         self.inbox = Inbox(store)
@@ -61,7 +65,8 @@ class Runtime:
         self.egress = Egress(self, proxy_ca)
         self.refusals = RefusalLog(self._log_refusal)
         self._locks: dict[int, trio.Lock] = {}
-        # Files made empty by create or O_TRUNC, not yet committed: see `state_empty`.
+        # Files made by create, or emptied by O_TRUNC, not yet committed: `state_empty`,
+        # `state_publish`.
         self._unwritten: dict[int, dict[str, state.Entry]] = {}
         # Called with an agent's old name after it changed: the file server drops the link.
         self.name_dropped: Callable[[str], Awaitable[None]] = _nothing
@@ -183,7 +188,8 @@ class Runtime:
     def budget_text(self, index: int) -> bytes:
         with self.store.read() as txn:
             record = self.store.require_agent(txn, index)
-            return budget.render(record, self.storage_bytes(txn, index)).encode()
+            stored = self.storage_bytes(txn, index) + self.pending_delta(txn, index)
+            return budget.render(record, stored).encode()
 
     def head_text(self, index: int) -> bytes:
         """The log's signed head, a Nostr event as one JSON line (empty before any record)."""
@@ -294,6 +300,7 @@ class Runtime:
         def apply(txn: Txn) -> list[str]:
             mnemonic = self.store.mnemonic(txn)
             created = []
+            indexes.clear()  # run again if the map was full
             for new in wanted:
                 if self.store.index_by_name(txn, new.name) is not None:
                     raise errors.exists(f"name {new.name!r}")
@@ -559,25 +566,28 @@ class Runtime:
             self.queue_trigger(txn, record, {"type": "budget", **warning})
         return bool(crossed)
 
-    async def commit_state(self, index: int, op: Callable[[state.StateView], T]) -> T:
+    async def commit_state(self, index: int, op: Callable[[state.TxnState], T]) -> T:
         """Commit `op` on the agent's state, with its unwritten files first (lock held)."""
         unwritten = dict(self._unwritten.get(index, {}))
 
-        def apply(txn: Txn) -> tuple[T, bool]:
+        def apply(txn: Txn) -> tuple[T, bool, list[values.Draft]]:
             record = self._writable(txn, index)
             view = state.TxnState(self.store, txn, index)
             for path, entry in unwritten.items():
                 view.set(path, entry)
             result = op(view)
+            view.finish()
             if view.bytes_delta > 0:
                 self.check_storage(record, self.storage_bytes(txn, index), view.bytes_delta)
             self.add_storage(txn, index, view.bytes_delta)
             warned = self.warn_budget(txn, record, now=rfc3339_now())
             if warned:
                 self.store.put_agent(txn, record)
-            return result, warned and record.awake
+            return result, warned and record.awake, view.published
 
-        result, wake = await self.committer.commit(apply)
+        result, wake, published = await self.committer.commit(apply)
+        for draft in published:
+            values.published(draft)
         if wake:
             self.engine.notify(index)
         pending = self._unwritten.get(index, {})
@@ -588,18 +598,16 @@ class Runtime:
             self._unwritten.pop(index, None)
         return result
 
-    async def state_empty(self, index: int, tick: RunningTick | None, path: str,
-                          create: bool) -> None:
-        """An empty file at `path`, new (O_CREAT) or truncated (O_TRUNC).
+    async def state_empty(self, index: int, tick: RunningTick | None, path: str) -> None:
+        """A new empty file at `path` (O_CREAT).
 
         Outside a tick it is visible at once but committed with the file's first write, or
         when the file is closed: `echo x > f` then costs one durable commit, not two.
         """
+        blob = self.ids.new()
+
         def empty(view: state.StateView) -> None:
-            if create:
-                state.create(view, path)
-            else:
-                state.truncate(view, path, 0)
+            state.create(view, path, blob)
 
         if tick is not None:
             await self.state_op(index, tick, empty)
@@ -610,8 +618,10 @@ class Runtime:
                 empty(_UnwrittenView(self, txn, index))
 
     async def settle(self, index: int, *, locked: bool = False) -> None:
-        """Commit the agent's unwritten files (at close, fsync, and before a tick)."""
-        if not self._unwritten.get(index):
+        """Commit the agent's unwritten files (at close, fsync, and before a tick); at a
+        close, only if one was created (an emptied one waits for its last close)."""
+        pending = self._unwritten.get(index, {})
+        if not pending or not locked and all(e.draft is not None for e in pending.values()):
             return
         if locked:
             await self.commit_state(index, lambda view: None)
@@ -624,6 +634,236 @@ class Runtime:
             return tick.overlay.get(path)
         with self.store.read() as txn:
             return _UnwrittenView(self, txn, index).get(path)
+
+    def state_read_at(self, index: int, tick: RunningTick | None, path: str, offset: int,
+                      length: int, writing: OpenWrite | None = None) -> bytes:
+        """Bytes of a file as the reader sees it: the tick's, or committed (with what the
+        reader's own file descriptor wrote and has not yet closed)."""
+        entry = self.state_read(index, tick, path)
+        if entry is None:
+            raise errors.no_such_file(f"state/{path}")
+        draft, size = entry.draft, entry.size
+        if writing is not None and writing.draft is not None:
+            draft, size = writing.draft, writing.draft.size
+        elif writing is not None and writing.emptied:
+            return b""
+        with self.store.read() as txn:
+            return values.read(txn, self.store, entry.blob, size, draft, offset, length)
+
+    # -- writing values: through a draft --------------------------------------------
+
+    async def state_write(self, index: int, tick: RunningTick | None, path: str,
+                          offset: int, data: bytes, append: bool,
+                          writing: OpenWrite | None) -> None:
+        """write(2) to a `state/` file: into the tick's draft of it, or from outside into
+        the draft of the file descriptor (`writing`), committed whole at its close."""
+        if tick is not None:
+            await self._tick_draft(index, tick, path, lambda t, d: values.plan_write(
+                t, self.store, d, d.size if append else offset, data))
+            return
+        assert writing is not None
+        await self._outside_draft(writing, lambda t, d: values.plan_write(
+            t, self.store, d, d.size if append else offset, data))
+
+    async def state_truncate(self, index: int, tick: RunningTick | None, path: str, size: int,
+                             writing: OpenWrite | None = None) -> None:
+        """truncate(2): in the tick's draft; from outside through a file descriptor
+        (ftruncate), in its draft; by path, committed at once."""
+        if tick is not None:
+            await self._tick_draft(index, tick, path,
+                                   lambda t, d: values.plan_truncate(t, self.store, d, size))
+            return
+        if writing is not None:
+            await self._outside_draft(
+                writing, lambda t, d: values.plan_truncate(t, self.store, d, size))
+            return
+
+        def cut(view: state.TxnState) -> None:
+            entry = state.file(view, path)
+            draft = values.Draft(self.ids.new(), entry.blob, index, entry.size)
+            staging = values.plan_truncate(view.txn, self.store, draft, size)
+            values.absorb(staging)
+            view.set(path, entry.changed(size, draft))
+
+        async with self.agent_lock(index):
+            await self.commit_state(index, cut)
+
+    async def _tick_draft(self, index: int, tick: RunningTick, path: str,
+                          plan: Callable[[Txn, values.Draft], values.Staging]) -> None:
+        """Stage a change to a file in the tick's draft of it (made at its first change)."""
+        if tick.index != index:
+            raise errors.denied("a tick may only touch its own agent's state")
+        overlay = tick.overlay
+        while True:
+            _live(tick)
+            entry = state.file(overlay, path)
+            draft = entry.draft
+            if draft is None or draft.published:
+                draft = overlay.new_draft(entry)
+                overlay.set(path, entry._replace(draft=draft))
+            async with draft.lock:
+                _live(tick)  # it ended meanwhile: its commit has what it had
+                if _holding(overlay.changes, draft) is None:
+                    continue  # a checkpoint froze the draft, or the file went: look again
+                with self.store.read() as txn:
+                    staging = plan(txn, draft)
+                grew = staging.size - draft.size
+                if grew > 0:
+                    self.check_storage(tick.record, tick.storage_base + overlay.bytes_delta +
+                                       overlay.outbox_bytes, grew)
+                await self._stage(staging)
+                moved = _holding(overlay.changes, draft)  # renamed meanwhile, perhaps
+                if moved is not None:
+                    overlay.set(moved, overlay.changes[moved].changed(  # type: ignore[union-attr]
+                        draft.size, draft))
+                return
+
+    async def _outside_draft(self, writing: OpenWrite,
+                             plan: Callable[[Txn, values.Draft], values.Staging]) -> None:
+        """Stage a change in the draft of a file descriptor opened from outside."""
+        if writing.refused is not None:
+            raise errors.FsError(writing.refused.errno,
+                                 f"state/{writing.path}: a write through this file was refused "
+                                 f"({writing.refused.message}); nothing more is taken, and "
+                                 "closing it leaves the value as it was")
+        # The agent's lock: a write waits for a running tick, so that it starts from what
+        # the tick committed.
+        async with writing.lock, self.agent_lock(writing.index):
+            index, path = writing.index, writing.path
+            with self.store.read() as txn:
+                record = self._writable(txn, index)
+                view = _UnwrittenView(self, txn, index)
+                entry = state.file(view, path)
+                draft = writing.draft
+                if draft is None:
+                    draft = values.Draft(self.ids.new(), entry.blob, index,
+                                         0 if writing.emptied else entry.size)
+                    if writing.emptied:
+                        draft.cut = 0
+                    else:
+                        writing.base = (entry.mtime_ns, entry.size)
+                staging = plan(txn, draft)
+                grew = staging.size - entry.size
+                stored = self.storage_bytes(txn, index) + self.pending_delta(txn, index)
+            try:
+                if staging.size > draft.size and grew > 0:
+                    self.check_storage(record, stored, grew)
+                writing.draft = draft
+                await self._stage(staging)
+            except errors.FsError as e:
+                writing.refused = e  # the value stays as it was: nothing of this open counts
+                self._unempty(writing)
+                await self._drop_draft(writing)
+                raise
+
+    async def _stage(self, staging: values.Staging) -> None:
+        """Take a change into its draft; past SPILL bytes held, put them in the store (a
+        commit, but nobody sees them yet).  If that fails the draft is as it was."""
+        draft = staging.draft
+        before = (dict(draft.dirty), set(draft.staged), set(draft.doomed), draft.size,
+                  draft.cut)
+        values.absorb(staging)
+        if not values.should_spill(draft):
+            return
+        try:
+            await self.committer.commit(lambda t: values.spill(t, self.store, draft))
+        except BaseException:
+            draft.dirty, draft.staged, draft.doomed, draft.size, draft.cut = before
+            raise
+        values.spilled(draft)
+
+    async def state_publish(self, writing: OpenWrite, last: bool) -> None:
+        """Commit what a file descriptor wrote from outside, as a whole (close, fsync).
+
+        Opened with O_TRUNC, with nothing written yet: a close empties the file for readers
+        at once, but commits that only at the last close (`last`: release, fsync) or with
+        the next commit of the agent's state.  dd, and a shell's `>`, close a duplicate of
+        the descriptor before they write: the old value must outlive a crash until the new
+        one is committed."""
+        if writing.refused is not None:
+            refused, writing.refused = writing.refused, None
+            self._unempty(writing)
+            raise errors.Repeated(refused.errno, f"state/{writing.path}: a write was refused "
+                                 f"({refused.message}); the value is as it was")
+        if writing.draft is None and not writing.emptied:
+            return
+        if writing.draft is None:
+            await self._empty_later(writing, last)
+            return
+        async with writing.lock:
+            index, path, draft = writing.index, writing.path, writing.draft
+            blob = draft.blob if draft is not None else None
+
+            def publish(view: state.TxnState) -> None:
+                entry = view.get(path)
+                if entry is None or entry.is_dir or blob not in (None, entry.blob):
+                    raise errors.not_held(f"state/{path}: moved or removed while written; "
+                                          "what was written through this file is dropped")
+                if draft is not None and writing.base not in (None, (entry.mtime_ns,
+                                                                     entry.size)):
+                    # Its draft patched chunks of the value as it was: committing it would
+                    # undo, unseen, what was committed since.
+                    raise errors.busy(f"state/{path}: changed (by a tick, or another open "
+                                      "file) while this file was open for writing; what was "
+                                      "written through it is dropped")
+                new = draft
+                if new is None:  # emptied by O_TRUNC, nothing written
+                    new = values.Draft(self.ids.new(), entry.blob, index, 0, cut=0)
+                view.set(path, entry.changed(new.size, new))
+
+            try:
+                async with self.agent_lock(index):
+                    await self.commit_state(index, publish)
+            except errors.FsError:
+                await self._drop_draft(writing)
+                raise
+            finally:
+                writing.draft, writing.base, writing.emptied = None, None, False
+
+    async def _empty_later(self, writing: OpenWrite, last: bool) -> None:
+        """The file of an O_TRUNC open, empty: unwritten, or now committed (`last`)."""
+        index, path = writing.index, writing.path
+        async with self.agent_lock(index):
+            pending = self._unwritten.setdefault(index, {})
+            if path not in pending:
+                with self.store.read() as txn:
+                    self._writable(txn, index)
+                    entry = state.file(_UnwrittenView(self, txn, index), path)
+                pending[path] = writing.shown = state.Entry(
+                    False, state.now_ns(), 0, entry.blob,
+                    values.Draft(self.ids.new(), entry.blob, index, 0, cut=0))
+            if last:
+                writing.emptied = False
+                await self.commit_state(index, lambda view: None)
+
+    def _unempty(self, writing: OpenWrite) -> None:
+        """A refused open: its O_TRUNC, if shown and not yet committed, is undone."""
+        writing.emptied = False
+        pending = self._unwritten.get(writing.index, {})
+        if writing.shown is not None and pending.get(writing.path) is writing.shown:
+            del pending[writing.path]
+            if not pending:
+                self._unwritten.pop(writing.index, None)
+        writing.shown = None
+
+    def pending_delta(self, txn: Txn, index: int) -> int:
+        """What the agent's unwritten files change in its storage (an emptied one frees)."""
+        committed = state.TxnState(self.store, txn, index)
+        delta = 0
+        for path, entry in self._unwritten.get(index, {}).items():
+            old = committed.get(path)
+            delta += entry.size - (0 if old is None or old.is_dir else old.size)
+        return delta
+
+    async def _drop_draft(self, writing: OpenWrite) -> None:
+        draft, writing.draft = writing.draft, None
+        if draft is not None and draft.registered and not draft.published:
+            await self.committer.commit(lambda t: values.discard(t, self.store, draft))
+
+    async def state_forget(self, writing: OpenWrite) -> None:
+        """A file descriptor closed after an error: what it staged goes."""
+        async with writing.lock:
+            await self._drop_draft(writing)
 
     def state_list(self, index: int, tick: RunningTick | None,
                    path: str) -> list[tuple[str, state.Entry]]:
@@ -673,8 +913,35 @@ class _UnwrittenView:
         yield from sorted(merged.items())
 
     def set(self, path: str, entry: state.Entry | None) -> None:
-        assert entry is not None and not entry.is_dir and not entry.data
-        self.runtime._unwritten.setdefault(self.index, {})[path] = entry
+        assert entry is not None and not entry.is_dir and not entry.size
+        pending = self.runtime._unwritten.setdefault(self.index, {})
+        old = pending.get(path)
+        if old is not None and old.draft is not None:  # emptied, then created: still empty
+            entry = entry._replace(draft=old.draft)
+        pending[path] = entry
+
+
+@dataclass(eq=False)
+class OpenWrite:
+    """What a file descriptor opened from outside has written to a `state/` file and not
+    yet committed: its draft, published whole at close or fsync."""
+
+    index: int
+    path: str
+    emptied: bool = False  # opened with O_TRUNC: the value is to be empty but for writes
+    draft: values.Draft | None = None
+    base: tuple[int, int] | None = None  # (mtime, size) of the value the draft patches
+    shown: state.Entry | None = None  # its O_TRUNC, shown empty, not yet committed
+    refused: errors.FsError | None = None  # a write failed: the value stays as it was
+    lock: trio.Lock = dataclass_field(default_factory=trio.Lock)
+
+
+def _holding(changes: dict[str, state.Entry | None], draft: values.Draft) -> str | None:
+    """The path whose entry in a tick's changes holds `draft` (a rename may move it)."""
+    for path, entry in changes.items():
+        if entry is not None and entry.draft is draft:
+            return path
+    return None
 
 
 async def _nothing(name: str) -> None:

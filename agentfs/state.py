@@ -1,8 +1,10 @@
 """An agent's `state/` tree: key layout in LMDB and the file operations on it.
 
-A key is `ix + parent + b"\\0" + name`, so one range scan lists a directory.  The
-operations (`create`, `write`, `rename`, ...) are written once against `StateView`, which
-the committed store (`TxnState`) and a tick's uncommitted overlay both provide.
+A key is `ix + parent + b"\\0" + name`, so one range scan lists a directory.  An entry
+holds a file's size and the blob its bytes are in (see values.py), so renaming a file moves
+no bytes.  The operations on names (`create`, `rename`, ...) are written once against
+`StateView`, which the committed store (`TxnState`) and a tick's uncommitted overlay both
+provide; writes and truncations go through a draft (`Runtime.state_write`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
-from . import errors
+from . import errors, values
 from .store import AgentStore, Txn, agent_key, scan_prefix
 
 MAX_NAME = 255
@@ -21,15 +23,23 @@ _FILE, _DIR = b"f", b"d"
 class Entry(NamedTuple):
     is_dir: bool
     mtime_ns: int
-    data: bytes = b""
+    size: int = 0
+    blob: int = 0  # where a file's bytes are (values.py); 0 for a directory
+    draft: values.Draft | None = None  # uncommitted bytes over the blob's (never stored)
 
     def encode(self) -> bytes:
-        return (_DIR if self.is_dir else _FILE) + self.mtime_ns.to_bytes(8, "big") + self.data
+        return (_DIR if self.is_dir else _FILE) + b"".join(
+            n.to_bytes(8, "big") for n in (self.mtime_ns, self.size, self.blob))
 
     @classmethod
     def decode(cls, raw: bytes | memoryview) -> Entry:
         raw = bytes(raw)
-        return cls(raw[:1] == _DIR, int.from_bytes(raw[1:9], "big"), raw[9:])
+        mtime, size, blob = (int.from_bytes(raw[i:i + 8], "big") for i in (1, 9, 17))
+        return cls(raw[:1] == _DIR, mtime, size, blob)
+
+    def changed(self, size: int, draft: values.Draft | None) -> Entry:
+        """This file with its bytes changed: a new size and mtime, over `draft`."""
+        return Entry(False, now_ns(), size, self.blob, draft)
 
 
 ROOT = Entry(True, 0)
@@ -67,6 +77,11 @@ class TxnState:
         self.store, self.txn, self.index = store, txn, index
         self.db = store.db["state"]
         self.bytes_delta = 0
+        # Blobs that lost their entry, and those an entry now holds (a rename moves one):
+        # `finish` deletes the bytes of the first not in the second.
+        self._dropped: set[int] = set()
+        self._kept: set[int] = set()
+        self.published: list[values.Draft] = []
 
     def get(self, path: str) -> Entry | None:
         if path == "":
@@ -81,15 +96,27 @@ class TxnState:
 
     def set(self, path: str, entry: Entry | None) -> None:
         key = state_key(self.index, path)
-        old = self.txn.get(key, db=self.db)
-        old_size = 0 if old is None else len(old) - 9
+        raw = self.txn.get(key, db=self.db)
+        old = None if raw is None else Entry.decode(raw)
+        if old is not None and not old.is_dir:
+            self._dropped.add(old.blob)
         if entry is None:
             if old is not None:
                 self.txn.delete(key, db=self.db)
-            self.bytes_delta -= old_size
         else:
             self.txn.put(key, entry.encode(), db=self.db)
-            self.bytes_delta += len(entry.data) - old_size
+            if not entry.is_dir:
+                self._kept.add(entry.blob)
+            if entry.draft is not None and not entry.draft.published:
+                values.publish(self.txn, self.store, entry.draft)
+                self.published.append(entry.draft)
+        self.bytes_delta += (0 if entry is None else entry.size) - \
+            (0 if old is None else old.size)
+
+    def finish(self) -> None:
+        """Delete the bytes of the values no entry holds any more."""
+        for blob in self._dropped - self._kept:
+            values.delete_blob(self.txn, self.store, blob)
 
     def descendants(self, path: str) -> Iterator[tuple[str, Entry]]:
         for name, entry in self.children(path):
@@ -128,7 +155,7 @@ def _parent_dir(view: StateView, path: str) -> None:
         raise errors.not_dir(f"state/{parent}")
 
 
-def create(view: StateView, path: str, data: bytes = b"") -> Entry:
+def create(view: StateView, path: str, blob: int) -> Entry:
     check_name(path)
     _parent_dir(view, path)
     existing = view.get(path)
@@ -136,7 +163,7 @@ def create(view: StateView, path: str, data: bytes = b"") -> Entry:
         if existing.is_dir:
             raise errors.is_dir(f"state/{path}")
         raise errors.exists(f"state/{path}")
-    entry = Entry(False, now_ns(), data)
+    entry = Entry(False, now_ns(), 0, blob)
     view.set(path, entry)
     return entry
 
@@ -151,26 +178,11 @@ def mkdir(view: StateView, path: str) -> Entry:
     return entry
 
 
-def write(view: StateView, path: str, offset: int, data: bytes) -> Entry:
+def file(view: StateView, path: str) -> Entry:
+    """The file at `path`, to write to (not a directory)."""
     entry = lookup(view, path)
     if entry.is_dir:
         raise errors.is_dir(f"state/{path}")
-    old = entry.data
-    if offset > len(old):
-        old = old + b"\0" * (offset - len(old))
-    new = old[:offset] + data + old[offset + len(data):]
-    entry = Entry(False, now_ns(), new)
-    view.set(path, entry)
-    return entry
-
-
-def truncate(view: StateView, path: str, size: int) -> Entry:
-    entry = lookup(view, path)
-    if entry.is_dir:
-        raise errors.is_dir(f"state/{path}")
-    data = entry.data[:size] + b"\0" * max(0, size - len(entry.data))
-    entry = Entry(False, now_ns(), data)
-    view.set(path, entry)
     return entry
 
 

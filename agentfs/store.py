@@ -5,7 +5,9 @@ Layout (named databases; an agent is its 4-byte big-endian creation index `ix`):
     agents    ix -> AgentRecord as JSON
     pubkeys   32-byte x-only pubkey -> ix
     names     name -> ix
-    state     ix + parent path + b"\\0" + name -> entry (see state.py)
+    state     ix + parent path + b"\\0" + name -> entry: a file's size and blob (state.py)
+    chunks    blob + chunk number + gen (8 bytes each) -> up to 256 KiB of a value (values.py)
+    drafts    gen -> ix + blob: drafts not yet published, whose chunks readers skip
     inbox     ix + seq (8 bytes) -> message JSON (pending triggers; consumed ones are deleted)
     outbox    ix + byte offset (8 bytes) -> one JSON line (see journal.py)
     log       ix + byte offset (8 bytes) -> one JSON line
@@ -38,22 +40,33 @@ from typing import Any
 
 import lmdb
 
-from . import errors
+from . import errors, values
 from .identity import npub_encode
 
 # 2: lifecycle hooks, the awake index, alarms; 3: imported keys, which an agentfs that
 # knew only derived keys would silently sign with the wrong key for; 4: the log's hash
-# chain and its signed heads, which an older agentfs would break with unchained records.
-STORE_VERSION = 4
+# chain and its signed heads, which an older agentfs would break with unchained records;
+# 5: state values in chunks (values.py), which an older agentfs would read as garbage.
+STORE_VERSION = 5
 # How far the Nostr driver has read (unix seconds): from the store's birth at first.
 NOSTR_SINCE_KEY = b"nostr-since"
 DB_NAMES = ("meta", "agents", "pubkeys", "names", "state", "inbox", "outbox", "log", "counters",
-            "seen", "ports", "alarms", "awake", "tokens", "secrets", "keys", "heads", "publish")
+            "seen", "ports", "alarms", "awake", "tokens", "secrets", "keys", "heads", "publish",
+            "chunks", "drafts")
 
 # Address space only: LMDB grows the file as pages are written, not to the map size.
 DEFAULT_MAP_SIZE = (1 << 40) if sys.maxsize > 2**32 else (1 << 30)
+# A daemon maps twice what the file holds (at least this), and doubles the map when a
+# commit finds it full, up to its largest (`-o map_size`): so a full map is a real limit.
+MIN_MAP_SIZE = 8 << 20
 
 Txn = lmdb.Transaction
+
+
+def _pages(size: int) -> int:
+    """`size` rounded up to whole pages, as LMDB wants a map size."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    return -(-size // page) * page
 
 
 def agent_key(index: int) -> bytes:
@@ -137,10 +150,12 @@ class StoreInUse(Exception):
 class AgentStore:
     """An open store: the LMDB environment, its databases and the daemon lock."""
 
-    def __init__(self, path: Path, env: lmdb.Environment, create_dbs: bool = True) -> None:
+    def __init__(self, path: Path, env: lmdb.Environment, create_dbs: bool = True,
+                 max_map_size: int = DEFAULT_MAP_SIZE) -> None:
         self.path = path
         self.env = env
         self.db = {name: env.open_db(name.encode(), create=create_dbs) for name in DB_NAMES}
+        self.max_map_size = max_map_size
         self._lock_fd: int | None = None
         self.synced = True  # every commit is on the disk when it returns (durability=disk)
 
@@ -181,23 +196,28 @@ class AgentStore:
     @classmethod
     def open(cls, path: Path, map_size: int = DEFAULT_MAP_SIZE,
              sync: bool = True) -> AgentStore:
-        """Open the store at `path`; with `sync` False, commits are not flushed to the disk
-        as they happen but by `flush` (durability=daemon)."""
+        """Open the store at `path`, whose map may grow to `map_size` bytes; with `sync`
+        False, commits are not flushed to the disk as they happen but by `flush`
+        (durability=daemon)."""
         path = Path(path)
         if not (path / "data.mdb").exists():
             raise FileNotFoundError(f"{path}: no store here (create one with `agentfs init`)")
-        store = cls(path, cls._open_env(path, map_size, sync))
+        used = (path / "data.mdb").stat().st_size
+        start = max(min(map_size, max(2 * used, MIN_MAP_SIZE)), used)
+        store = cls(path, cls._open_env(path, _pages(start), sync), max_map_size=map_size)
         store.synced = sync
         with store.env.begin() as txn:
             version = txn.get(b"version", db=store.db["meta"])
         if version == b"1":
             store._migrate_from_1()
-            version = str(STORE_VERSION).encode()
-        if version in (b"2", b"3"):
+            version = b"2"
+        if version in (b"2", b"3", b"4"):
             # Opening the store made the databases 3 and 4 add (`keys`, `heads`, `publish`).
             # Logs of before 4 have no hash chain: their records stay as they are (offsets
-            # are stable), and the chain starts with the next record (see audit.py).
+            # are stable), and the chain starts with the next record (see audit.py).  5
+            # moves each state value into chunks, in the transaction that sets the version.
             with store.env.begin(write=True) as txn:
+                values.migrate_inline_values(store, txn)
                 txn.put(b"version", str(STORE_VERSION).encode(), db=store.db["meta"])
             version = str(STORE_VERSION).encode()
         if version != str(STORE_VERSION).encode():
@@ -235,7 +255,20 @@ class AgentStore:
             meta = self.db["meta"]
             if txn.get(NOSTR_SINCE_KEY, db=meta) is None:
                 txn.put(NOSTR_SINCE_KEY, str(int(time.time())).encode(), db=meta)
-            txn.put(b"version", str(STORE_VERSION).encode(), db=meta)
+            txn.put(b"version", b"2", db=meta)
+
+    def map_size(self) -> int:
+        return int(self.env.info()["map_size"])
+
+    def grow(self) -> int | None:
+        """Double the map (up to its largest); returns the new size, or None if it is at
+        its largest.  Only with no transaction open in this process (LMDB remaps)."""
+        size = self.map_size()
+        new = _pages(min(2 * size, self.max_map_size))
+        if new <= size:
+            return None
+        self.env.set_mapsize(new)
+        return new
 
     def lock(self) -> None:
         """Take the one-daemon-per-store lock; its file holds the daemon's pid."""

@@ -15,13 +15,14 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import trio
 
-from . import budget, caps, errors, lifecycle
+from . import budget, caps, errors, lifecycle, values
 from .confine import PROXY_PORT
 from .inbox import Message, rfc3339_now
 from .overlay import TickOverlay
@@ -435,7 +436,7 @@ class TickEngine:
                     record.checkpoint.get("hook") == hook:  # hooks all have seq 0
                 trigger["resume"] = {"checkpoint": record.checkpoint["count"]}
             tick = RunningTick(record, record.npub, seq, trigger,
-                               TickOverlay(runtime.store, index), hook=hook)
+                               TickOverlay(runtime.store, index, runtime.ids), hook=hook)
             tick.terminated = hook == "terminate"
             with runtime.store.read() as txn:
                 tick.storage_base = runtime.storage_bytes(txn, index)
@@ -450,10 +451,12 @@ class TickEngine:
                 self._register(tick, None)
             if self.stopping and not outcome.ok:
                 return None  # killed by the mount's end: not the program's failure
+            await tick.overlay.wait_writes()
             if outcome.ok:
                 try:
                     await runtime.committer.commit(lambda t: self._commit(t, tick, outcome))
                     self._committed.add()
+                    _published(tick.overlay)
                     self._notify_delivered(tick)
                     for old in tick.dropped_names:
                         await runtime.name_dropped(old)
@@ -708,6 +711,12 @@ class TickEngine:
         view = TxnState(store, txn, index)
         for path, entry in overlay.changes.items():
             view.set(path, entry)
+        view.finish()
+        kept = {id(d) for e in overlay.changes.values() if e is not None and e.draft is not None
+                for d in e.draft.chain()}
+        for draft in overlay.unpublished():  # written, then removed or replaced in the tick
+            if id(draft) not in kept:
+                values.discard(txn, store, draft)
         runtime.add_storage(txn, index, view.bytes_delta)
         sent = [*overlay.outbox, *extra]
         for message in sent:
@@ -738,7 +747,10 @@ class TickEngine:
         """Commit what the tick wrote so far; a failure later rolls back only to here."""
         tick.checkpoints += 1
         count = tick.checkpoints
-        frozen = tick.overlay.snapshot()
+        async with AsyncExitStack() as held:  # no write to a file is half done
+            for draft in tick.overlay.draft_locks():
+                await held.enter_async_context(draft.lock)
+            frozen = tick.overlay.snapshot()
 
         def apply(txn: Txn) -> None:
             record = self.runtime.store.require_agent(txn, tick.index)
@@ -756,6 +768,7 @@ class TickEngine:
                 "state_changes": len(frozen.changes), "sent": sent})
 
         await self.runtime.committer.commit(apply)
+        _published(frozen)
         tick.asleep = tick.asleep or any(c.verb == "sleep" for c in frozen.ctl)
         tick.terminated = tick.terminated or any(c.verb == "terminate" for c in frozen.ctl)
         self._notify_delivered(tick)
@@ -804,6 +817,8 @@ class TickEngine:
 
     def _fail(self, txn: Txn, tick: RunningTick, outcome: Outcome) -> None:
         store, index = self.runtime.store, tick.index
+        for draft in tick.overlay.unpublished():  # rolled back: what it wrote goes
+            values.discard(txn, store, draft)
         record = store.require_agent(txn, index)
         now = rfc3339_now()
         report = tick.hook if tick.hook in lifecycle.REPORTS else None
@@ -835,6 +850,13 @@ class TickEngine:
             entry["status"] = "failed: create failed" if tick.hook == "create" else \
                 f"failed after {record.failures} consecutive errors"
         self.runtime.log.append(txn, index, entry)
+
+
+def _published(overlay: TickOverlay) -> None:
+    """Mark the drafts a durable commit of `overlay` published."""
+    for entry in overlay.changes.values():
+        if entry is not None and entry.draft is not None:
+            values.published(entry.draft)
 
 
 def _described(tick: RunningTick) -> dict[str, Any]:

@@ -17,6 +17,10 @@ Rows (issue 2, section 5):
           started by Python's subprocess (pipes, new session, as the daemon does).
   state   `state/` create+write+close, stat, open+read+close ops/s by a Python loop of os
           calls, against the same loop on tmpfs, on bindfs over tmpfs and on bench/minifs.py.
+  large   a 1 GiB `state/` value (256 MiB with --quick) written and read back by `dd bs=1M`
+          (zeros), against the same dd on tmpfs and on bench/minifs.py; meanwhile the daemon's
+          RSS growth (anonymous, and with LMDB's mapped file pages) and the latency of a read
+          of another agent's ctl (open+read+close, every 20 ms).
   agents  time to create 10,000 agents (`new aN`, one line per write(2), one fd), and the
           daemon's RSS after; baselines: 10,000 durable LMDB commits, and the RSS of the
           freshly mounted daemon with no agents.
@@ -92,7 +96,8 @@ for line in sys.stdin:
     sys.stdout.flush()
 """
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-ROWS = ("ticks", "served", "wake", "state", "agents", "dormant", "plumb", "alarm", "http", "nostr")
+ROWS = ("ticks", "served", "wake", "state", "large", "agents", "dormant", "plumb", "alarm",
+        "http", "nostr")
 
 WAKE_C = r"""
 #include <fcntl.h>
@@ -136,6 +141,7 @@ class Sizes:
         self.state_stat_passes = 3
         self.state_read_passes = 2
         self.state_rounds = 1 if quick else 2            # best of
+        self.large_mib = 256 if quick else 1024          # the large value's size
         self.agents = 300 if quick else 10_000
         self.lmdb_commits = 300 if quick else 2000
         self.derive_sample = 50 if quick else 300
@@ -873,6 +879,67 @@ def raw_crypto(n: int) -> tuple[float, float]:
     return signs, n / (time.perf_counter() - t0)
 
 
+class LargeWatch:
+    """While a large value moves: the daemon's peak RSS (anonymous and total, MB) and the
+    latency of reading another agent's ctl (ms), sampled every 20 ms in a thread."""
+
+    def __init__(self, pid: int | None, ctl: Path | None) -> None:
+        import threading
+
+        self.pid, self.ctl = pid, ctl
+        self.peak_anon = self.peak_total = 0.0
+        self.latencies: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.pid is not None:
+                anon, file = proc_rss_split_mb(self.pid)
+                self.peak_anon = max(self.peak_anon, anon)
+                self.peak_total = max(self.peak_total, anon + file)
+            if self.ctl is not None:
+                t0 = time.perf_counter()
+                with open(self.ctl, "rb") as f:
+                    f.read()
+                self.latencies.append((time.perf_counter() - t0) * 1000)
+            self._stop.wait(0.02)
+
+    def stop(self) -> LargeWatch:
+        self._stop.set()
+        self._thread.join()
+        return self
+
+
+def large_value(d: Path, mib: int, pid: int | None = None,
+                ctl: Path | None = None) -> dict[str, float]:
+    """MB/s of `dd` writing then reading a `mib` MiB file in `d` (each timed to its exit,
+    close included), with what LargeWatch saw during both."""
+    path = d / "large"
+    size = mib * (1 << 20)
+    base_anon, base_file = proc_rss_split_mb(pid) if pid is not None else (0.0, 0.0)
+    watch = LargeWatch(pid, ctl)
+    t0 = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mib}",
+                    "status=none"], check=True)
+    wrote = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none"], check=True)
+    read = time.perf_counter() - t0
+    watch.stop()
+    result = {"write": size / wrote / 1e6, "read": size / read / 1e6}
+    if pid is not None:
+        result["anon"] = watch.peak_anon - base_anon
+        result["total"] = watch.peak_total - base_anon - base_file
+    if watch.latencies:
+        result["ctl_p50"] = percentile(watch.latencies, 50)
+        result["ctl_p99"] = percentile(watch.latencies, 99)
+        result["ctl_max"] = max(watch.latencies)
+    path.unlink()
+    return result
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     k = (len(ordered) - 1) * p / 100
@@ -1374,6 +1441,47 @@ def main() -> int:
             notes.append(f"state/: daemon CPU {(own1 - own0) * 1e6 / total_ops:.0f} µs per op "
                          f"(all ops averaged; {sizes.state_files} files of 64 bytes, best of "
                          f"{sizes.state_rounds})")
+
+        if "large" in only:
+            mib = sizes.large_mib
+            log(f"large: a {mib} MiB value by dd on tmpfs, minifs and agentfs")
+            big: dict[str, dict[str, float]] = {}
+            big["tmpfs"] = large_value(shm, mib)
+            mp = base / "large-minifs.mnt"
+            mp.mkdir()
+            m = Background([PY, str(ROOT / "bench" / "minifs.py"), str(mp)], mp)
+            undo.append(m.close)
+            big["minifs"] = large_value(mp, mib)
+            m.close()
+            fs = AgentfsMount(base, "large", on)
+            undo.append(fs.close)
+            fs.new_agents(["new big\n", "new other\n"])
+            big_dir = fs.mp / fs.npub("big")
+            (big_dir / "budget").write_text(f"max_storage_bytes {4 * mib}MiB\n")
+            assert fs.pid is not None
+            time.sleep(0.5)  # the daemon settled: its RSS is the baseline
+            profiler = Profiler(profile_dir, fs.pid, "large")
+            mine = big["agentfs"] = large_value(big_dir / "state", mib, fs.pid,
+                                                fs.mp / fs.npub("other") / "ctl")
+            notes += profiler.stop()
+            grew = fs.daemon_log(lines=200).count("map grew")
+            notes.append(f"large: the store's map grew {grew} times during the write "
+                         "(from 8 MiB, doubling)")
+            fs.close()
+            size_label = f"{mib // 1024} GiB" if mib >= 1024 else f"{mib} MiB"
+            for op, least in (("write", 50), ("read", 200)):
+                cells = "; ".join(f"{k} {big[k][op]:.0f} MB/s" for k in ("tmpfs", "minifs"))
+                rows.append((f"large value {size_label} dd {op} MB/s", f"{mine[op]:.0f}", cells,
+                             f"{mine[op] / big['minifs'][op]:.2f} of minifs",
+                             f"≥ {least} MB/s ({'yes' if mine[op] >= least else 'no'})"))
+            rows.append((f"large value {size_label}: daemon RSS growth MB",
+                         f"{mine['anon']:.0f} anonymous", f"{mine['total']:.0f} with LMDB's "
+                         "mapped file pages (the kernel's to drop)", "-",
+                         f"≤ 64 MB ({'yes' if mine['anon'] <= 64 else 'no'})"))
+            rows.append((f"large value {size_label}: another agent's ctl read during it",
+                         f"p50 {fmt_ms(mine['ctl_p50'])}, p99 {fmt_ms(mine['ctl_p99'])}, "
+                         f"max {fmt_ms(mine['ctl_max'])}", "-", "-",
+                         f"≤ 50 ms ({'yes' if mine['ctl_max'] <= 50 else 'no'})"))
 
         if "agents" in only:
             n = sizes.agents

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agentfs import budget, ctl, errors, state
+from agentfs import budget, ctl, errors, state, values
 from agentfs.inbox import Inbox, parse_lines
 from agentfs.journal import Journal
 from agentfs.overlay import TickOverlay
@@ -120,44 +120,113 @@ def test_inbox_lines() -> None:
             parse_lines(bad)
 
 
+def _spill(store: AgentStore, draft: values.Draft) -> None:
+    with store.env.begin(write=True) as txn:
+        values.spill(txn, store, draft)
+    values.spilled(draft)
+
+
+def _write(store: AgentStore, draft: values.Draft, offset: int, data: bytes) -> None:
+    """A write, its chunks put in the store at once when they are past SPILL bytes."""
+    with store.read() as txn:
+        values.absorb(values.plan_write(txn, store, draft, offset, data))
+    if values.should_spill(draft):
+        _spill(store, draft)
+
+
+def _truncate(store: AgentStore, draft: values.Draft, size: int) -> None:
+    with store.read() as txn:
+        values.absorb(values.plan_truncate(txn, store, draft, size))
+
+
+def _publish(store: AgentStore, path: str, draft: values.Draft) -> None:
+    with store.env.begin(write=True) as txn:
+        view = state.TxnState(store, txn, 0)
+        view.set(path, state.lookup(view, path).changed(draft.size, draft))
+        view.finish()
+    values.published(draft)
+
+
+def _value(store: AgentStore, path: str, draft: values.Draft | None = None) -> bytes:
+    with store.read() as txn:
+        entry = state.lookup(state.TxnState(store, txn, 0), path)
+        size = entry.size if draft is None else draft.size
+        return values.read(txn, store, entry.blob, size, draft, 0, 1 << 30)
+
+
 def test_state_operations(store: AgentStore) -> None:
     with store.env.begin(write=True) as txn:
         view = state.TxnState(store, txn, 0)
         state.mkdir(view, "a")
-        state.create(view, "a/x", b"one")
-        state.write(view, "a/x", 3, b"two")
-        assert state.lookup(view, "a/x").data == b"onetwo"
-        state.write(view, "a/x", 10, b"!")
-        assert state.lookup(view, "a/x").data == b"onetwo\0\0\0\0!"
-        state.truncate(view, "a/x", 3)
+        state.create(view, "a/x", 1)
         with refused(errno.ENOENT):
-            state.create(view, "missing/x")
+            state.create(view, "missing/x", 2)
         with refused(errno.ENOTDIR):
-            state.create(view, "a/x/y")
+            state.create(view, "a/x/y", 2)
         with refused(errno.EEXIST):
             state.mkdir(view, "a")
         with refused(errno.ENOTEMPTY):
             state.rmdir(view, "a")
+        with refused(errno.EISDIR):
+            state.file(view, "a")
         state.mkdir(view, "a/sub")
-        state.create(view, "a/sub/deep", b"d")
+        state.create(view, "a/sub/deep", 2)
         state.rename(view, "a", "b")
         assert view.get("a") is None and view.get("a/sub/deep") is None
-        assert state.lookup(view, "b/sub/deep").data == b"d"
+        assert state.lookup(view, "b/sub/deep").blob == 2  # moved, its bytes with it
         with refused(errno.EINVAL):
             state.rename(view, "b", "b/sub/inside")
         assert sorted(name for name, _ in view.children("b")) == ["sub", "x"]
         # Another agent's keys are a different tree.
         assert list(state.TxnState(store, txn, 1).children("")) == []
-        assert view.bytes_delta == len(b"one") + len(b"d")
+
+
+def test_a_draft_is_invisible_until_published(store: AgentStore) -> None:
+    """Chunks a draft stages are skipped by readers; publishing replaces only the chunks
+    it wrote, and a truncation drops the chunks past it; the rest is read as zeros."""
+    chunk = values.CHUNK
+    with store.env.begin(write=True) as txn:
+        state.create(state.TxnState(store, txn, 0), "v", 7)
+    first = values.Draft(100, 7, 0, 0)
+    _write(store, first, 0, b"a" * (3 * chunk + 5))
+    assert _value(store, "v") == b""
+    assert _value(store, "v", first) == b"a" * (3 * chunk + 5)
+    _publish(store, "v", first)
+    assert _value(store, "v") == b"a" * (3 * chunk + 5)
+    second = values.Draft(101, 7, 0, 3 * chunk + 5)
+    _write(store, second, chunk - 2, b"XYZW")  # across two chunks, each patched
+    _spill(store, second)  # in the store, under the draft's gen: still invisible
+    assert _value(store, "v") == b"a" * (3 * chunk + 5)
+    _truncate(store, second, 2 * chunk + 1)
+    _write(store, second, 2 * chunk + 10, b"!")  # past the end: a hole of zeros
+    want = b"a" * (chunk - 2) + b"XYZW" + b"a" * (chunk - 2) + b"a" + b"\0" * 9 + b"!"
+    assert _value(store, "v", second) == want
+    assert _value(store, "v") == b"a" * (3 * chunk + 5)
+    _publish(store, "v", second)
+    assert _value(store, "v") == want
+    with store.read() as txn:  # one version of each chunk is left, none past the end
+        keys = [bytes(k) for k, _ in txn.cursor(db=store.db["chunks"])]
+        assert [int.from_bytes(k[8:16], "big") for k in keys] == [0, 1, 2]
+        assert list(txn.cursor(db=store.db["drafts"])) == []
+    # A draft never published: discarded, or swept as a crash would leave it.
+    for gen in (102, 103):
+        draft = values.Draft(gen, 7, 0, len(want))
+        _write(store, draft, 0, b"lost" * chunk)
+        if gen == 102:
+            with store.env.begin(write=True) as txn:
+                values.discard(txn, store, draft)
+    assert values.sweep(store) == 1
+    assert _value(store, "v") == want
+    with store.read() as txn:
+        assert len(list(txn.cursor(db=store.db["chunks"]))) == 3
 
 
 def test_overlay_is_invisible_until_applied(store: AgentStore) -> None:
     with store.env.begin(write=True) as txn:
-        state.create(state.TxnState(store, txn, 0), "kept", b"old")
-    overlay = TickOverlay(store, 0)
-    state.write(overlay, "kept", 0, b"new")
+        state.create(state.TxnState(store, txn, 0), "kept", 1)
+    overlay = TickOverlay(store, 0, values.ValueIds(store))
     state.mkdir(overlay, "dir")
-    state.create(overlay, "dir/f", b"f")
+    state.create(overlay, "dir/f", 2)
     state.rename(overlay, "kept", "dir/moved")
     with store.read() as txn:
         committed = state.TxnState(store, txn, 0)
@@ -171,7 +240,7 @@ def test_overlay_is_invisible_until_applied(store: AgentStore) -> None:
     with store.read() as txn:
         committed = state.TxnState(store, txn, 0)
         assert committed.get("kept") is None
-        assert state.lookup(committed, "dir/moved").data == b"new"
+        assert state.lookup(committed, "dir/moved").blob == 1
 
 
 def test_journal_offsets_are_stable(store: AgentStore) -> None:
