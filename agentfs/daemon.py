@@ -254,8 +254,12 @@ def _report(ready_fd: int | None, error: str | None,
         if notifier is not None:
             notifier.status(error)
     if ready_fd is not None:
-        os.write(ready_fd, b"ok\n" if error is None else error.encode() + b"\n")
-        os.close(ready_fd)
+        try:
+            os.write(ready_fd, b"ok\n" if error is None else error.encode() + b"\n")
+        except BrokenPipeError:  # whoever waited is gone: the mount serves all the same
+            log.warning("the process that started this daemon did not wait for it")
+        finally:
+            os.close(ready_fd)
 
 
 def spawn(store_path: Path, mountpoint: Path, options: list[str], jobs: int) -> int:

@@ -259,3 +259,25 @@ def test_help(command: list[str]) -> None:
 def test_no_command_is_a_usage_error() -> None:
     done = agentfs()
     assert done.returncode == 2 and "usage: agentfs" in done.stderr
+
+
+def test_a_daemon_whose_starter_is_gone_serves_all_the_same(store: Store, tmp_path: Path) -> None:
+    # `agentfs mount` waits on a pipe for the daemon's word; if the waiter is gone by then
+    # (killed, say), the daemon must not die of the broken pipe and leave a dead mount.
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    starter = ("import os, sys; from pathlib import Path; from agentfs import daemon; "
+               "r, w = os.pipe(); os.close(r); "
+               "sys.exit(daemon.serve(Path(sys.argv[1]), Path(sys.argv[2]), [], 1, w))")
+    log = tmp_path / "daemon.err"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", starter, str(store.path), str(mp)],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_until(lambda: "did not wait for it" in log.read_text(), 15, "the report")
+        assert "ctl" in os.listdir(mp) and os.path.ismount(mp)
+        assert proc.poll() is None  # still serving
+    finally:
+        sh(f"fusermount3 -u {mp}", check=False)
+        proc.wait(30)
+    assert proc.returncode == 0
