@@ -28,6 +28,7 @@ import ctypes
 import json
 import os
 import queue
+import resource
 import selectors
 import signal
 import socket
@@ -41,7 +42,8 @@ from . import _spawn, confine
 
 MAX_MESSAGE = 1 << 20
 MAX_TOOLS = 64  # tool paths one agent may hold
-MAX_VIEWS = 256  # agents' mount namespaces kept for their next tick (a few KiB each)
+MAX_VIEWS = 256  # agents' namespaces kept for their next tick (a few KiB and 4 fds each)
+SPARE_FDS = 128  # what the zygote keeps free for a job's descriptors and its own
 
 MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 2, 4, 32, 4096, 16384
 MNT_DETACH = 2
@@ -128,6 +130,7 @@ class Zygote:
         # synchronously (about 0.2 ms); a thread does it, off the path of the next job.
         self.to_close: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.views: OrderedDict[int, View] = OrderedDict()  # by uid, least recent first
+        self.max_views = MAX_VIEWS  # fewer if the zygote may hold fewer descriptors
         # What a kept /tmp may hold: the directories made for pins and tools under it
         # (root's, 0755: no tick can write in them).
         self.tmp_names = {top_of_tmp(path) for _stash, path in self.pins} - {""}
@@ -136,6 +139,12 @@ class Zygote:
 
     def prepare(self, config: dict[str, Any]) -> None:
         _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "subreaper")
+        # Kept views hold 4 descriptors each: as many as the hard limit allows (each tick
+        # gets its own RLIMIT_NOFILE all the same).
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        allowed = hard if hard != resource.RLIM_INFINITY else 4 * MAX_VIEWS + SPARE_FDS
+        resource.setrlimit(resource.RLIMIT_NOFILE, (allowed, hard))
+        self.max_views = max(0, min(MAX_VIEWS, (allowed - SPARE_FDS) // 4))
         # An empty bounding set, inherited by every child: nothing a tick execs can gain a
         # capability.  The zygote keeps the ones it holds, which it needs to set ticks up.
         for cap in range(confine.last_cap() + 1):
@@ -293,7 +302,7 @@ class Zygote:
     def _keep(self, uid: int, view: View) -> None:
         self._forget(uid)
         self.views[uid] = view
-        while len(self.views) > MAX_VIEWS:
+        while len(self.views) > self.max_views:
             self._forget(next(iter(self.views)))
 
     def _forget(self, uid: int) -> None:
