@@ -380,11 +380,18 @@ class TickEngine:
         self.runtime.store.put_agent(txn, record)
         return True
 
-    def _skip_hook(self, txn: Txn, index: int, hook: str) -> None:
+    def _skip_hook(self, txn: Txn, index: int, hook: str) -> AgentRecord:
         record = self.runtime.store.require_agent(txn, index)
         if record.hook == hook:
             lifecycle.finished(record, hook)
             self.runtime.store.put_agent(txn, record)
+        return record
+
+    async def _end_served_unless_active(self, record: AgentRecord) -> None:
+        """An agent that hibernated, failed or ended, or left `serve on`, keeps no
+        served program."""
+        if record.index in self._served and (record.status != "active" or not record.serve):
+            await self._end_served(record.index)
 
     def _hibernate(self, txn: Txn, index: int) -> bool:
         """Put an agent that stayed idle to sleep; True if its `sleep` trigger is to run."""
@@ -412,7 +419,9 @@ class TickEngine:
                 return None
             if hook is not None and not lifecycle.runs_program(record, hook):
                 # Its `hooks` setting leaves this one out: done, without a run.
-                await runtime.committer.commit(lambda t: self._skip_hook(t, index, hook))
+                record = await runtime.committer.commit(
+                    lambda t: self._skip_hook(t, index, hook))
+                await self._end_served_unless_active(record)  # a sleep it did not run
                 return Outcome(True)
             if hook is None and record.status != "active":
                 return None
@@ -466,11 +475,7 @@ class TickEngine:
             if not outcome.ok:
                 await runtime.committer.commit(lambda t: self._fail(t, tick, outcome))
                 self._failed.add()
-            if index in self._served:
-                with runtime.store.read() as txn:
-                    record = runtime.store.require_agent(txn, index)
-                if record.status != "active" or not record.serve:
-                    await self._end_served(index)  # it hibernated, failed or ended
+            await self._end_served_unless_active(tick.record)
             return outcome
 
     def _notify_delivered(self, tick: RunningTick) -> None:
@@ -601,8 +606,7 @@ class TickEngine:
         if isinstance(proc, SandboxedProgram) and proc.error is not None:
             return Outcome(False, f"cannot start program: {proc.error}", [], tail, duration)
         if status != 0:
-            how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
-            return Outcome(False, how, stdout.lines, tail, duration)
+            return Outcome(False, _exit_described(status), stdout.lines, tail, duration)
         if stdout.overflow:
             return Outcome(False, f"stdout over {MAX_STDOUT} bytes", [], tail, duration)
         # A served program's end line means the same in an exec tick (so one program runs
@@ -628,30 +632,28 @@ class TickEngine:
             served = None
         if served is not None:
             return served
-        holder: list[ServedProgram] = []
         proxy, token = self.runtime.egress.served_environment(
-            index, alive=lambda: not holder or not holder[0].ended,
-            active=lambda: (t := self.running.get(index)) is not None and not t.finished)
+            index, active=lambda: (t := self.running.get(index)) is not None and not t.finished)
         proc = await self._start(tick, argv, b"", proxy, keep_stdin=True)
         if isinstance(proc, str):
             if token is not None:
                 self.runtime.egress.revoke(token)
             return proc
         served = ServedProgram(list(argv), proc, token)
-        holder.append(served)
         self._served[index] = served
         assert self._nursery is not None
         self._nursery.start_soon(served.pump, STDERR_TAIL)
         return served
 
-    async def _end_served(self, index: int) -> None:
+    async def _end_served(self, index: int, ask: bool = True) -> None:
+        """End the agent's served program: asked (stdin closed) first, unless `ask` is
+        False (at max_tick_duration: SIGTERM at once, as an exec tick's)."""
         served = self._served.pop(index, None)
         if served is None:
             return
         if served.token is not None:
             self.runtime.egress.revoke(served.token)
-        await served.end(GRACE)
-        self._callers.clear()
+        await served.end(GRACE, ask)
 
     async def _run_served(self, tick: RunningTick) -> Outcome:
         """One tick of a served program: its trigger in, its replies and end line out."""
@@ -682,16 +684,15 @@ class TickEngine:
         duration = time.monotonic() - started
         tail = bytes(served.stderr[-STDERR_TAIL:])
         if scope.cancelled_caught:
-            await self._end_served(index=tick.index)
+            await self._end_served(tick.index, ask=False)
             why = f"killed after {format_duration(limit)} (max_tick_duration)"
             return Outcome(False, why, replies, tail, duration)
         if end is None:  # its stdout closed: it died, or is dying
             proc = served.proc
             await self._end_served(tick.index)
-            status = proc.returncode or 0
             if isinstance(proc, SandboxedProgram) and proc.error is not None:
                 return Outcome(False, f"cannot start program: {proc.error}", [], tail, duration)
-            how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+            how = _exit_described(proc.returncode or 0)
             return Outcome(False, f"the served program ended ({how}) before the tick did",
                            replies, tail, duration)
         ok, error = end
@@ -814,6 +815,7 @@ class TickEngine:
         if runtime.sandbox is None:
             entry["sandbox"] = "off"  # unconfined: every record says so
         runtime.log.append(txn, index, entry)
+        tick.record = record  # as committed: whether its served program goes on
 
     def _fail(self, txn: Txn, tick: RunningTick, outcome: Outcome) -> None:
         store, index = self.runtime.store, tick.index
@@ -850,6 +852,7 @@ class TickEngine:
             entry["status"] = "failed: create failed" if tick.hook == "create" else \
                 f"failed after {record.failures} consecutive errors"
         self.runtime.log.append(txn, index, entry)
+        tick.record = record
 
 
 def _published(overlay: TickOverlay) -> None:
@@ -857,6 +860,11 @@ def _published(overlay: TickOverlay) -> None:
     for entry in overlay.changes.values():
         if entry is not None and entry.draft is not None:
             values.published(entry.draft)
+
+
+def _exit_described(status: int) -> str:
+    """A program's exit as the log says it (`status` as os.waitstatus_to_exitcode gives)."""
+    return f"killed by signal {-status}" if status < 0 else f"exit status {status}"
 
 
 def _described(tick: RunningTick) -> dict[str, Any]:

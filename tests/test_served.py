@@ -179,3 +179,16 @@ def test_serve_takes_on_or_off(mount: Mount) -> None:
     assert done.returncode != 0 and "Invalid argument" in done.stderr
     assert mount.status("carol")["serve"] == "off"
     assert any("serve on|off" in r.get("error", "") for r in mount.log("carol"))
+
+
+def test_a_sleep_that_runs_no_program_still_ends_it(mount: Mount, tmp_path: Path) -> None:
+    # `hooks none`: hibernation runs no tick, and the served program must end all the same.
+    program = tmp_path / "served.py"
+    program.write_text(SERVED_PY)
+    write_once(mount.mp / "ctl",
+               f"new dora {AGENT_PYTHON} {program}\nserve on\nhooks none\nidle 1s\n")
+    mount.created("dora")
+    send(mount, "dora", "one", 1)
+    assert len(mount.processes_of("dora")) == 1  # alive between ticks while awake
+    wait_until(lambda: mount.status("dora")["status"] == "dormant" and
+               not mount.processes_of("dora"), 15, "the program to end with the agent's sleep")
