@@ -162,13 +162,13 @@ class Egress:
         token = self.issue(tick.index, alive=lambda: not tick.finished)
         return tick_environment(token, self.port)
 
-    def served_environment(self, index: int, alive: Callable[[], bool],
+    def served_environment(self, index: int,
                            active: Callable[[], bool]) -> tuple[dict[str, str], str | None]:
-        """A served program's proxy variables and its token: good while it lives, and
-        only while one of its ticks runs."""
+        """A served program's proxy variables and its token: good until revoked (when the
+        program ends), and only while one of its ticks runs."""
         if self.port is None:
             return {}, None
-        token = self.issue(index, alive, active)
+        token = self.issue(index, active=active)
         return tick_environment(token, self.port), token
 
     # -- serving ---------------------------------------------------------------------------

@@ -111,14 +111,15 @@ class ServedProgram:
             return False
         return True
 
-    async def end(self, grace: float) -> None:
-        """Close its stdin (its cue to exit), then SIGTERM, then SIGKILL; wait for it."""
+    async def end(self, grace: float, ask: bool = True) -> None:
+        """Close its stdin (its cue to exit: with `ask`), then SIGTERM, then SIGKILL, each
+        `grace` apart; wait for it."""
         self.ended = True
-        if self.proc.stdin is not None:
+        if ask and self.proc.stdin is not None:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.proc.stdin.aclose()
-        with trio.move_on_after(grace):
-            await self.proc.wait()
+            with trio.move_on_after(grace):
+                await self.proc.wait()
         if self.proc.returncode is None:
             self.proc.kill_group(signal.SIGTERM)
             with trio.move_on_after(grace):
